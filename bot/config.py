@@ -1,0 +1,182 @@
+"""Typed configuration: config.yaml first, then VOXBOT_* environment overrides.
+
+A nested key is overridden with a double underscore, e.g.
+``VOXBOT_STT__ENGINE=whisper`` or ``VOXBOT_LLM__LLAMA_CPP__N_THREADS=4``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("config.yaml")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_sessions: int = Field(8, ge=1)
+    session_timeout_s: int = Field(900, ge=1)
+    max_message_bytes: int = Field(64_000, ge=1024)
+    allowed_origins: list[str] = Field(default_factory=list)
+
+
+class AudioConfig(_Section):
+    in_sample_rate: Literal[8000, 16000] = 16000
+    out_sample_rate: int = Field(24000, ge=8000, le=48000)
+
+
+class VADConfig(_Section):
+    confidence: float = Field(0.7, gt=0, le=1)
+    start_secs: float = Field(0.2, ge=0)
+    stop_secs: float = Field(0.2, ge=0)
+    min_volume: float = Field(0.6, ge=0, le=1)
+
+
+class TurnsConfig(_Section):
+    stop_strategy: Literal["speech_timeout", "smart_turn"] = "speech_timeout"
+    user_speech_timeout: float = Field(0.2, ge=0)
+    interruptions: bool = True
+    min_words_while_bot_speaking: int = Field(1, ge=1)
+
+
+class WhisperConfig(_Section):
+    model_path: Path | None = None
+    compute_type: str = "int8"
+    beam_size: int = Field(1, ge=1)
+    cpu_threads: int = Field(2, ge=1)
+    no_speech_prob: float = Field(0.6, ge=0, le=1)
+
+
+class VoxtralConfig(_Section):
+    model_id: str = "mistralai/Voxtral-Mini-3B-2507"
+    model_path: Path | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class RemoteSTTConfig(_Section):
+    base_url: str = "http://127.0.0.1:8001/v1"
+    model: str = "mistralai/Voxtral-Mini-3B-2507"
+    api_key: str = "EMPTY"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class STTConfig(_Section):
+    engine: Literal["auto", "whisper", "voxtral", "voxtral_remote"] = "auto"
+    language: str | None = "en"
+    trailing_silence_secs: float = Field(0.1, ge=0)
+    whisper: WhisperConfig = WhisperConfig()
+    voxtral: VoxtralConfig = VoxtralConfig()
+    remote: RemoteSTTConfig = RemoteSTTConfig()
+
+
+class LlamaCppConfig(_Section):
+    model_path: Path | None = None
+    n_ctx: int = Field(2048, ge=256)
+    n_threads: int = Field(2, ge=1)
+
+
+class OpenAIConfig(_Section):
+    base_url: str = "http://127.0.0.1:11434/v1"
+    model: str = "llama3.2"
+    api_key: str = "EMPTY"
+
+
+class LLMConfig(_Section):
+    engine: Literal["llama_cpp", "openai", "voxtral"] = "llama_cpp"
+    system_prompt: str = (
+        "You are a friendly voice assistant. Answer in one or two short, plain sentences. "
+        "Never use lists, markdown or emojis."
+    )
+    max_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.2, ge=0, le=2)
+    llama_cpp: LlamaCppConfig = LlamaCppConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+
+
+class TTSConfig(_Section):
+    voice: str = "jf_alpha"
+    lang: str = "en-us"
+    speed: float = Field(1.0, ge=0.5, le=2.0)
+    model_path: Path | None = None
+    voices_path: Path | None = None
+    threads: int = Field(2, ge=1)
+    peak_limit: float = Field(0.95, gt=0, le=1)
+
+
+class TracingConfig(_Section):
+    dir: Path = Path("logs/latency")
+    status_turns: int = Field(50, ge=1)
+
+
+class Config(BaseSettings):
+    """Every knob of the bot; defaults are the embedded offline stack."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOXBOT_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    server: ServerConfig = ServerConfig()
+    audio: AudioConfig = AudioConfig()
+    vad: VADConfig = VADConfig()
+    turns: TurnsConfig = TurnsConfig()
+    stt: STTConfig = STTConfig()
+    llm: LLMConfig = LLMConfig()
+    tts: TTSConfig = TTSConfig()
+    tracing: TracingConfig = TracingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then the environment, then the YAML file.
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> Config:
+    """Load config.yaml (or ``$VOXBOT_CONFIG``) with environment overrides.
+
+    Raises:
+        ConfigError: naming every invalid key, so a bad value stops start-up clearly.
+    """
+    path = Path(path or os.environ.get("VOXBOT_CONFIG") or DEFAULT_CONFIG_PATH)
+    if not path.exists() and path != DEFAULT_CONFIG_PATH:
+        raise ConfigError(f"config file not found: {path}")
+
+    class _FileConfig(Config):
+        model_config = SettingsConfigDict(yaml_file=path if path.exists() else None)
+
+    try:
+        return _FileConfig(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid config ({path}): {problems}") from None

@@ -1,0 +1,131 @@
+"""Loads each model once per process; every session shares them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from bot import assets
+from bot.config import Config
+
+
+@dataclass
+class Models:
+    """The loaded models and what was chosen, for the pipeline and /status."""
+
+    stt_engine: str
+    stt_reason: str
+    whisper: Any = None
+    llm: Any = None
+    llm_lock: threading.Lock = field(default_factory=threading.Lock)
+    kokoro: Any = None
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {
+            "stt": {"engine": self.stt_engine, "reason": self.stt_reason},
+            "load_seconds": self.load_seconds,
+        }
+
+
+def choose_stt_engine(config: Config) -> tuple[str, str]:
+    """Pick the STT engine and say why, so the start-up log explains the choice."""
+    engine = config.stt.engine
+    if engine != "auto":
+        return engine, f"stt.engine is set to {engine}"
+    return "whisper", "auto: the bundled Whisper tiny.en (CPU)"
+
+
+def _timed(name: str, seconds: dict[str, float], fn):
+    start = time.perf_counter()
+    result = fn()
+    seconds[name] = round(time.perf_counter() - start, 3)
+    logger.info(f"Loaded {name} in {seconds[name]:.2f} s")
+    return result
+
+
+def load_whisper(config: Config):
+    from faster_whisper import WhisperModel
+
+    path = assets.whisper_model_dir(config.stt.whisper.model_path)
+    return WhisperModel(
+        str(path),
+        device="cpu",
+        compute_type=config.stt.whisper.compute_type,
+        cpu_threads=config.stt.whisper.cpu_threads,
+        local_files_only=True,
+    )
+
+
+def load_llama(config: Config):
+    from llama_cpp import Llama
+
+    path = assets.llm_gguf_path(config.llm.llama_cpp.model_path)
+    return Llama(
+        model_path=str(path),
+        n_ctx=config.llm.llama_cpp.n_ctx,
+        n_threads=config.llm.llama_cpp.n_threads,
+        verbose=False,
+    )
+
+
+def load_kokoro(config: Config):
+    import onnxruntime as ort
+    from kokoro_onnx import Kokoro
+
+    model = assets.kokoro_model_path(config.tts.model_path)
+    voices = assets.kokoro_voices_path(config.tts.voices_path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.tts.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    kokoro = Kokoro.from_session(session, str(voices))
+    if config.tts.voice not in kokoro.voices:
+        raise ValueError(
+            f"tts.voice '{config.tts.voice}' is not in {voices}; choose one of {sorted(kokoro.voices)}"
+        )
+    return kokoro
+
+
+def load_models(config: Config) -> Models:
+    """Load (and warm) every model the config asks for.
+
+    Raises:
+        assets.MissingModelError: a model's weights are absent; the message names the fix.
+    """
+    engine, reason = choose_stt_engine(config)
+    logger.info(f"STT engine: {engine} ({reason})")
+    models = Models(stt_engine=engine, stt_reason=reason)
+    seconds = models.load_seconds
+    if engine == "whisper":
+        models.whisper = _timed("whisper", seconds, lambda: load_whisper(config))
+    if config.llm.engine == "llama_cpp":
+        models.llm = _timed("llama_cpp", seconds, lambda: load_llama(config))
+    models.kokoro = _timed("kokoro", seconds, lambda: load_kokoro(config))
+    _timed("warmup", seconds, lambda: warm_up(models, config))
+    return models
+
+
+def warm_up(models: Models, config: Config) -> None:
+    """Run each model once so the first user does not pay for lazy initialization."""
+    if models.whisper is not None:
+        segments, _ = models.whisper.transcribe(
+            np.zeros(16000, dtype=np.float32), language=config.stt.language, beam_size=1
+        )
+        list(segments)
+    if models.llm is not None:
+        with models.llm_lock:
+            models.llm.create_chat_completion(
+                messages=[
+                    {"role": "system", "content": config.llm.system_prompt},
+                    {"role": "user", "content": "Hi"},
+                ],
+                max_tokens=1,
+            )
+    if models.kokoro is not None:
+        models.kokoro.create("Hello.", config.tts.voice, lang=config.tts.lang)

@@ -1,0 +1,161 @@
+"""The whole bot in one place: the data path from the user's audio to the bot's voice.
+
+    transport.input() -> stt -> user aggregator (VAD, turns, barge-in)
+      -> responder -> tts -> transport.output() -> assistant aggregator
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.observers.base_observer import BaseObserver
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.user_start import MinWordsUserTurnStartStrategy, VADUserTurnStartStrategy
+from pipecat.turns.user_stop import (
+    SpeechTimeoutUserTurnStopStrategy,
+    TurnAnalyzerUserTurnStopStrategy,
+)
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from bot.config import Config
+from bot.models import Models
+from processors.kokoro_tts import KokoroTTSService
+from processors.responder import LlamaCppLLMService
+from processors.whisper_stt import WhisperSTTService
+
+
+@dataclass
+class BotSession:
+    """One conversation: the pipeline worker to run and the context it keeps."""
+
+    worker: PipelineWorker
+    context: LLMContext
+
+
+def build_stt(config: Config, models: Models) -> FrameProcessor:
+    """The STT service for the engine chosen at load time."""
+    if models.stt_engine == "whisper":
+        return WhisperSTTService(
+            model=models.whisper,
+            language=config.stt.language,
+            beam_size=config.stt.whisper.beam_size,
+            no_speech_prob=config.stt.whisper.no_speech_prob,
+            trailing_silence_secs=config.stt.trailing_silence_secs,
+        )
+    raise ValueError(f"stt engine {models.stt_engine!r} is not available in this build")
+
+
+def build_responder(config: Config, models: Models) -> FrameProcessor:
+    """The response generator: local GGUF or any OpenAI-compatible server."""
+    if config.llm.engine == "llama_cpp":
+        return LlamaCppLLMService(
+            llm=models.llm,
+            lock=models.llm_lock,
+            system_prompt=config.llm.system_prompt,
+            max_tokens=config.llm.max_tokens,
+            temperature=config.llm.temperature,
+        )
+    if config.llm.engine == "openai":
+        from pipecat.services.openai.llm import OpenAILLMService
+
+        return OpenAILLMService(
+            base_url=config.llm.openai.base_url,
+            api_key=config.llm.openai.api_key,
+            settings=OpenAILLMService.Settings(
+                model=config.llm.openai.model,
+                system_instruction=config.llm.system_prompt,
+                max_tokens=config.llm.max_tokens,
+                temperature=config.llm.temperature,
+            ),
+        )
+    raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
+
+
+def build_turn_strategies(config: Config) -> UserTurnStrategies:
+    """When a user turn starts (and may interrupt the bot) and when it ends."""
+    turns = config.turns
+    start = [VADUserTurnStartStrategy(enable_interruptions=turns.interruptions)]
+    if turns.min_words_while_bot_speaking > 1:
+        # While the bot speaks, a backchannel ("mhm") must not cut it off.
+        start = [
+            MinWordsUserTurnStartStrategy(
+                min_words=turns.min_words_while_bot_speaking,
+                enable_interruptions=turns.interruptions,
+            )
+        ]
+    if turns.stop_strategy == "smart_turn":
+        from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+
+        stop = [TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]
+    else:
+        stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=turns.user_speech_timeout)]
+    return UserTurnStrategies(start=start, stop=stop)
+
+
+def build_pipeline(
+    *,
+    config: Config,
+    transport: BaseTransport,
+    models: Models,
+    observers: list[BaseObserver] | None = None,
+    extra_processors: list[FrameProcessor] | None = None,
+) -> BotSession:
+    """Assemble one session's pipeline around shared, already loaded models."""
+    context = LLMContext()
+    user, assistant = LLMContextAggregatorPair(
+        context,
+        user_params=LLMUserAggregatorParams(
+            vad_analyzer=SileroVADAnalyzer(
+                params=VADParams(
+                    confidence=config.vad.confidence,
+                    start_secs=config.vad.start_secs,
+                    stop_secs=config.vad.stop_secs,
+                    min_volume=config.vad.min_volume,
+                )
+            ),
+            user_turn_strategies=build_turn_strategies(config),
+        ),
+    )
+    tts = KokoroTTSService(
+        kokoro=models.kokoro,
+        voice=config.tts.voice,
+        lang=config.tts.lang,
+        speed=config.tts.speed,
+        peak_limit=config.tts.peak_limit,
+    )
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            build_stt(config, models),
+            user,
+            build_responder(config, models),
+            tts,
+            transport.output(),
+            assistant,
+            *(extra_processors or []),
+        ]
+    )
+    worker = PipelineWorker(
+        pipeline,
+        params=PipelineParams(
+            audio_in_sample_rate=config.audio.in_sample_rate,
+            audio_out_sample_rate=config.audio.out_sample_rate,
+            enable_metrics=True,
+            enable_usage_metrics=True,
+        ),
+        observers=observers or [],
+        enable_rtvi=False,
+        idle_timeout_secs=config.server.session_timeout_s,
+    )
+    return BotSession(worker=worker, context=context)
+

@@ -1,0 +1,186 @@
+"""The HTTP/WebSocket server: one pipeline per connection around models loaded once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pipecat.workers.runner import WorkerRunner
+
+from bot.config import Config
+from bot.models import Models, load_models
+from bot.pipeline import build_pipeline
+from bot.tracing import LatencyTracer, TurnTrace, percentile
+from transports.websocket import create_websocket_transport
+
+STATIC = Path(__file__).parent / "static"
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so tests can make many apps)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.sessions = Gauge("voxbot_sessions_active", "Open conversations", registry=self.registry)
+        self.sessions_total = Counter("voxbot_sessions_total", "Conversations started", registry=self.registry)
+        self.rejected = Counter("voxbot_sessions_rejected_total", "Connections refused (server full)", registry=self.registry)
+        self.turns = Counter("voxbot_turns_total", "Turns completed", ["interrupted"], registry=self.registry)
+        self.v2v = Histogram(
+            "voxbot_voice_to_voice_seconds",
+            "Estimated voice-to-voice latency per turn",
+            buckets=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0),
+            registry=self.registry,
+        )
+
+
+class BotState:
+    """What the server knows: config, models once loaded, recent turns."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.models: Models | None = None
+        self.load_error: str | None = None
+        self.started = time.monotonic()
+        self.ready_after: float | None = None
+        self.active_sessions = 0
+        self.recent_turns: list[TurnTrace] = []
+        self.metrics = Metrics()
+
+    def record_turn(self, turn: TurnTrace) -> None:
+        self.recent_turns = (self.recent_turns + [turn])[-self.config.tracing.status_turns :]
+        self.metrics.turns.labels(interrupted=str(turn.interrupted).lower()).inc()
+        if turn.voice_to_voice_ms is not None:
+            self.metrics.v2v.observe(turn.voice_to_voice_ms / 1000)
+
+
+def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
+    """The FastAPI app. Models load in a worker thread at start-up unless given."""
+    state = BotState(config)
+
+    async def load():
+        try:
+            state.models = models or await asyncio.to_thread(load_models, config)
+            state.ready_after = time.monotonic() - state.started
+            logger.info(f"Ready in {state.ready_after:.1f} s")
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            logger.error(f"Model loading failed: {state.load_error}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+
+    app = FastAPI(title="voxbot", lifespan=lifespan)
+    app.state.bot = state
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.models is None:
+            body = {"ready": False, "error": state.load_error}
+            return JSONResponse(body, status_code=503)
+        return {"ready": True, "seconds": round(state.ready_after or 0, 2)}
+
+    @app.get("/status")
+    async def status():
+        v2v = [t.voice_to_voice_ms for t in state.recent_turns if t.voice_to_voice_ms is not None]
+        return {
+            "ready": state.models is not None,
+            "models": state.models.describe() if state.models else None,
+            "active_sessions": state.active_sessions,
+            "turns": len(state.recent_turns),
+            "voice_to_voice_ms": {"p50": percentile(v2v, 50), "p95": percentile(v2v, 95)},
+            "recent_turns": [t.__dict__ for t in state.recent_turns[-10:]],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        await websocket.accept()
+        if state.models is None:
+            await websocket.send_json({"type": "error", "message": "models are still loading; retry when /ready"})
+            await websocket.close(code=1013)
+            return
+        if state.active_sessions >= config.server.max_sessions:
+            state.metrics.rejected.inc()
+            await websocket.send_json({"type": "error", "message": "server is full; retry later"})
+            await websocket.close(code=1013)
+            return
+        await run_session(websocket, state)
+
+    return app
+
+
+async def run_session(websocket: WebSocket, state: BotState) -> None:
+    """Run one conversation until the client leaves."""
+    config = state.config
+    session_id = uuid.uuid4().hex[:12]
+    transport = create_websocket_transport(
+        websocket,
+        in_sample_rate=config.audio.in_sample_rate,
+        out_sample_rate=config.audio.out_sample_rate,
+        session_timeout_s=config.server.session_timeout_s,
+        max_message_bytes=config.server.max_message_bytes,
+        allowed_origins=config.server.allowed_origins,
+    )
+    tracer = LatencyTracer(
+        session_id=session_id,
+        vad_stop_secs=config.vad.stop_secs,
+        log_dir=config.tracing.dir,
+        on_turn=state.record_turn,
+    )
+    session = build_pipeline(config=config, transport=transport, models=state.models, observers=[tracer])
+
+    @transport.event_handler("on_client_connected")
+    async def on_connected(transport, client):
+        await websocket.send_json(
+            {
+                "type": "ready",
+                "session_id": session_id,
+                "sample_rate_in": config.audio.in_sample_rate,
+                "sample_rate_out": config.audio.out_sample_rate,
+            }
+        )
+
+    @transport.event_handler("on_client_disconnected")
+    async def on_disconnected(transport, client):
+        await session.worker.cancel(reason="client disconnected")
+
+    @transport.event_handler("on_session_timeout")
+    async def on_timeout(transport, client):
+        await session.worker.cancel(reason="session timeout")
+
+    state.active_sessions += 1
+    state.metrics.sessions.inc()
+    state.metrics.sessions_total.inc()
+    logger.info(f"[{session_id}] session started ({state.active_sessions} active)")
+    try:
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(session.worker)
+        await runner.run()
+    except Exception:
+        logger.exception(f"[{session_id}] session failed")
+    finally:
+        state.active_sessions -= 1
+        state.metrics.sessions.dec()
+        logger.info(f"[{session_id}] session ended ({state.active_sessions} active)")

@@ -1,0 +1,203 @@
+"""Per-turn latency traces: one JSON line per turn, a log summary, and /status figures.
+
+Times are milliseconds since the session's pipeline clock started.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    EndFrame,
+    CancelFrame,
+    InterruptionFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.transports.base_output import BaseOutputTransport
+
+# Stage name -> (from event, to event); each is a duration in the trace.
+STAGES = {
+    "endpointing_ms": ("user_speech_end_ms", "transcript_ms"),
+    "llm_wait_ms": ("transcript_ms", "generation_start_ms"),
+    "llm_first_token_ms": ("generation_start_ms", "first_token_ms"),
+    "tts_first_audio_ms": ("tts_start_ms", "first_tts_audio_ms"),
+    "output_ms": ("first_tts_audio_ms", "first_audio_out_ms"),
+}
+
+
+@dataclass
+class TurnTrace:
+    """One user turn and the bot's answer, as it happened."""
+
+    session_id: str
+    turn: int
+    user_speech_start_ms: float | None = None
+    vad_stop_ms: float | None = None
+    # Estimated true end of speech: the VAD reports stop_secs after it.
+    user_speech_end_ms: float | None = None
+    transcript_ms: float | None = None
+    generation_start_ms: float | None = None
+    first_token_ms: float | None = None
+    tts_start_ms: float | None = None
+    first_tts_audio_ms: float | None = None
+    first_audio_out_ms: float | None = None
+    bot_end_ms: float | None = None
+    interrupted: bool = False
+    user_text: str = ""
+    bot_text: str = ""
+    stages: dict[str, float] = field(default_factory=dict)
+    voice_to_voice_ms: float | None = None
+
+    def finish(self) -> None:
+        for name, (a, b) in STAGES.items():
+            start, end = getattr(self, a), getattr(self, b)
+            if start is not None and end is not None:
+                self.stages[name] = round(end - start, 1)
+        if self.user_speech_end_ms is not None and self.first_audio_out_ms is not None:
+            self.voice_to_voice_ms = round(self.first_audio_out_ms - self.user_speech_end_ms, 1)
+        self.user_text = self.user_text.strip()
+        self.bot_text = " ".join(self.bot_text.split())
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear between samples; None when empty."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+class LatencyTracer(BaseObserver):
+    """Watches a session's frames and records each turn's stage timings.
+
+    A turn opens when the user starts speaking (as decided by the turn strategies)
+    and closes when the bot finishes or is interrupted.
+    """
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        vad_stop_secs: float,
+        log_dir: Path | None = None,
+        on_turn=None,
+    ):
+        """Initialize the tracer.
+
+        Args:
+            session_id: Names the JSONL file and every record.
+            vad_stop_secs: The VAD's stop delay, subtracted to estimate the true speech end.
+            log_dir: Where ``<session_id>.jsonl`` is written; None keeps traces in memory only.
+            on_turn: Optional callback receiving each finished :class:`TurnTrace`.
+        """
+        super().__init__()
+        self.session_id = session_id
+        self.turns: list[TurnTrace] = []
+        self._vad_stop_secs = vad_stop_secs
+        self._path = Path(log_dir) / f"{session_id}.jsonl" if log_dir else None
+        if self._path:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._on_turn = on_turn
+        self._current: TurnTrace | None = None
+        self._speech_start_ms: float | None = None
+        self._bot_speaking = False
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def open_turn(self) -> TurnTrace | None:
+        """The turn in progress, if any."""
+        return self._current
+
+    async def on_push_frame(self, data: FramePushed):
+        frame, t = data.frame, data.timestamp / 1e6
+        if isinstance(frame, TTSTextFrame):
+            # Words leave the output transport as their audio plays: what was heard.
+            if self._current and isinstance(data.source, BaseOutputTransport):
+                self._current.bot_text += " " + frame.text
+            return
+        if not data.first_push:
+            return
+
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._speech_start_ms = t
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            await self._open_turn(t)
+        elif isinstance(frame, (InterruptionFrame, CancelFrame, EndFrame)):
+            if self._current and self._current.first_audio_out_ms is not None:
+                self._current.interrupted = isinstance(frame, InterruptionFrame) or self._bot_speaking
+                self._current.bot_end_ms = t
+                self._close_turn()
+            return
+
+        turn = self._current
+        if turn is None:
+            return
+        if isinstance(frame, VADUserStoppedSpeakingFrame) and turn.generation_start_ms is None:
+            turn.vad_stop_ms = t
+            turn.user_speech_end_ms = round(t - self._vad_stop_secs * 1000, 1)
+        elif isinstance(frame, TranscriptionFrame) and turn.generation_start_ms is None:
+            turn.transcript_ms = t
+            turn.user_text += " " + frame.text
+        elif isinstance(frame, LLMFullResponseStartFrame) and turn.generation_start_ms is None:
+            turn.generation_start_ms = t
+        elif isinstance(frame, LLMTextFrame) and turn.generation_start_ms is not None:
+            turn.first_token_ms = turn.first_token_ms or t
+        elif isinstance(frame, TTSStartedFrame):
+            turn.tts_start_ms = turn.tts_start_ms or t
+        elif isinstance(frame, TTSAudioRawFrame):
+            turn.first_tts_audio_ms = turn.first_tts_audio_ms or t
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+            turn.first_audio_out_ms = turn.first_audio_out_ms or t
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+            if turn.first_audio_out_ms is not None:
+                turn.bot_end_ms = t
+                self._close_turn()
+
+    async def _open_turn(self, t: float):
+        if self._current is not None:
+            self._current.interrupted = self._bot_speaking
+            self._current.bot_end_ms = self._current.bot_end_ms or t
+            self._close_turn()
+        self._current = TurnTrace(
+            session_id=self.session_id,
+            turn=len(self.turns),
+            user_speech_start_ms=self._speech_start_ms if self._speech_start_ms is not None else t,
+        )
+
+    def _close_turn(self):
+        turn, self._current = self._current, None
+        if turn is None:
+            return
+        turn.finish()
+        self.turns.append(turn)
+        logger.info(
+            f"[{turn.session_id}] turn {turn.turn}: voice-to-voice {turn.voice_to_voice_ms} ms "
+            f"{turn.stages} interrupted={turn.interrupted} user={turn.user_text!r} bot={turn.bot_text!r}"
+        )
+        if self._path:
+            with open(self._path, "a") as f:
+                f.write(json.dumps(asdict(turn)) + "\n")
+        if self._on_turn:
+            self._on_turn(turn)

@@ -1,0 +1,152 @@
+"""A local GGUF language model (llama-cpp-python) as a streaming pipecat LLM service."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from llama_cpp import Llama
+from loguru import logger
+
+from pipecat.frames.frames import (
+    Frame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+)
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import LLMSettings
+
+SENTENCE_ENDS = (".", "!", "?")
+# Past max_tokens a reply may run this many more tokens to reach a sentence end.
+_GRACE_TOKENS = 24
+_DONE = object()
+
+
+class LlamaCppLLMService(LLMService):
+    """Streams a reply from a shared llama.cpp model, token by token, off the event loop.
+
+    Replies are capped (a voice answer should be short) and always end at a
+    sentence boundary, so TTS never speaks half a sentence. An interruption stops
+    the generating thread at the next token: no CPU keeps burning on a dead reply.
+    """
+
+    def __init__(
+        self,
+        *,
+        llm: Llama,
+        lock: threading.Lock,
+        system_prompt: str,
+        model_name: str = "smollm2-135m-instruct",
+        max_tokens: int = 48,
+        temperature: float = 0.2,
+        **kwargs,
+    ):
+        """Initialize the service.
+
+        Args:
+            llm: A loaded llama.cpp model, shared across sessions.
+            lock: Serializes use of ``llm``; a llama.cpp context is not thread-safe.
+            system_prompt: Instructions prepended to every request.
+            model_name: Reported in metrics.
+            max_tokens: Soft reply cap; the reply then runs on to its sentence end.
+            temperature: Sampling temperature.
+            **kwargs: Passed to ``LLMService``.
+        """
+        super().__init__(
+            settings=LLMSettings(
+                model=model_name,
+                system_instruction=system_prompt,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                top_p=None,
+                top_k=None,
+                frequency_penalty=None,
+                presence_penalty=None,
+                seed=None,
+                filter_incomplete_user_turns=False,
+                user_turn_completion_config=None,
+            ),
+            **kwargs,
+        )
+        self._llm = llm
+        self._lock = lock
+        self._system_prompt = system_prompt
+        self._max_tokens = max_tokens
+        self._temperature = temperature
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            await self.push_frame(LLMFullResponseStartFrame())
+            await self.start_processing_metrics()
+            try:
+                await self._respond(frame.context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                await self.push_error(error_msg=f"llama.cpp generation failed: {e}", exception=e)
+            finally:
+                await self.stop_processing_metrics()
+                await self.push_frame(LLMFullResponseEndFrame())
+        else:
+            await self.push_frame(frame, direction)
+
+    async def _messages(self, context: LLMContext) -> list[dict]:
+        params = await self.get_llm_adapter().get_llm_invocation_params(
+            context, system_instruction=self._system_prompt, convert_developer_to_user=True
+        )
+        return list(params["messages"])
+
+    async def _respond(self, context: LLMContext):
+        messages = await self._messages(context)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def generate():
+            try:
+                with self._lock:
+                    stream = self._llm.create_chat_completion(
+                        messages=messages,
+                        max_tokens=self._max_tokens + _GRACE_TOKENS,
+                        temperature=self._temperature,
+                        stream=True,
+                    )
+                    for chunk in stream:
+                        if stop.is_set():
+                            break
+                        token = chunk["choices"][0]["delta"].get("content")
+                        if token:
+                            loop.call_soon_threadsafe(queue.put_nowait, token)
+            except BaseException as e:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        await self.start_ttfb_metrics()
+        worker = asyncio.create_task(asyncio.to_thread(generate))
+        text, tokens = "", 0
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if tokens == 0:
+                    await self.stop_ttfb_metrics()
+                tokens += 1
+                text += item
+                await self._push_llm_text(item)
+                if tokens >= self._max_tokens and text.rstrip().endswith(SENTENCE_ENDS):
+                    break
+            if text.strip() and not text.rstrip().endswith(SENTENCE_ENDS):
+                await self._push_llm_text(".")
+        finally:
+            stop.set()
+            # The thread notices at its next token; wait so the lock is free for the next turn.
+            await asyncio.shield(worker)
+        logger.debug(f"{self}: replied in {tokens} tokens: {text.strip()!r}")

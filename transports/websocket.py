@@ -1,0 +1,142 @@
+"""The browser transport: raw PCM over a WebSocket, JSON for everything else.
+
+Wire protocol (one connection = one conversation):
+
+- client -> server, binary: 16-bit little-endian mono PCM at the declared rate
+  (default the pipeline's input rate).
+- client -> server, text: ``{"type": "start", "sample_rate": 48000}`` declares the
+  microphone rate (resampled server-side with soxr); ``{"type": "ping"}``.
+- server -> client, binary: 16-bit mono PCM at the pipeline's output rate.
+- server -> client, text: ``{"type": "transcript" | "bot_text", "text": ...}``,
+  ``{"type": "interrupt"}`` (flush playback now), ``{"type": "error", "message": ...}``,
+  ``{"type": "pong"}``.
+
+Bad input gets an error message; it never ends the session.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import soxr
+from fastapi import WebSocket
+from loguru import logger
+
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    OutputTransportMessageFrame,
+    OutputTransportMessageUrgentFrame,
+    TranscriptionFrame,
+    TTSTextFrame,
+)
+from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.serializers.base_serializer import FrameSerializer
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
+
+SUPPORTED_INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def error_frame(message: str) -> OutputTransportMessageUrgentFrame:
+    """A frame that tells the client what was wrong with its input."""
+    return OutputTransportMessageUrgentFrame(message={"type": "error", "message": message})
+
+
+class PCMJSONSerializer(FrameSerializer):
+    """Raw PCM audio both ways plus small JSON events: easy for a plain web page."""
+
+    def __init__(self, *, max_message_bytes: int = 64_000, **kwargs):
+        """Initialize the serializer.
+
+        Args:
+            max_message_bytes: Larger messages are refused (about 2 s of 16 kHz audio).
+            **kwargs: Passed to ``FrameSerializer``.
+        """
+        super().__init__(**kwargs)
+        self._max_bytes = max_message_bytes
+        self._pipeline_rate = 16000
+        self._resampler: soxr.ResampleStream | None = None
+        self._pending = b""
+
+    async def setup(self, setup: FrameProcessorSetup):
+        self._pipeline_rate = setup.audio_in_sample_rate or self._pipeline_rate
+
+    async def serialize(self, frame: Frame) -> str | bytes | None:
+        if isinstance(frame, OutputAudioRawFrame):
+            return frame.audio
+        if isinstance(frame, InterruptionFrame):
+            return json.dumps({"type": "interrupt"})
+        if isinstance(frame, TranscriptionFrame):
+            return json.dumps({"type": "transcript", "text": frame.text})
+        if isinstance(frame, TTSTextFrame):
+            return json.dumps({"type": "bot_text", "text": frame.text})
+        if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
+            if self.should_ignore_frame(frame):
+                return None
+            return json.dumps(frame.message)
+        return None
+
+    async def deserialize(self, data: str | bytes) -> Frame | None:
+        if len(data) > self._max_bytes:
+            return error_frame(f"message of {len(data)} bytes exceeds the {self._max_bytes}-byte limit")
+        if isinstance(data, bytes):
+            return self._audio(data)
+        try:
+            message = json.loads(data)
+            kind = message["type"]
+        except (ValueError, TypeError, KeyError):
+            return error_frame('text messages must be JSON objects with a "type"')
+        if kind == "start":
+            rate = message.get("sample_rate")
+            if rate not in SUPPORTED_INPUT_RATES:
+                return error_frame(f"sample_rate must be one of {SUPPORTED_INPUT_RATES}, got {rate!r}")
+            # A stream resampler keeps state across messages, so chunk edges don't click.
+            self._resampler = (
+                soxr.ResampleStream(rate, self._pipeline_rate, 1, dtype="int16")
+                if rate != self._pipeline_rate
+                else None
+            )
+            return None
+        if kind == "ping":
+            return OutputTransportMessageUrgentFrame(message={"type": "pong"})
+        return error_frame(f"unknown message type {kind!r}")
+
+    def _audio(self, data: bytes) -> Frame | None:
+        data, self._pending = self._pending + data, b""
+        if len(data) % 2:
+            # A sample split across messages: keep the odd byte for the next one.
+            data, self._pending = data[:-1], data[-1:]
+        if self._resampler is not None:
+            data = self._resampler.resample_chunk(np.frombuffer(data, dtype=np.int16)).tobytes()
+        if not data:
+            return None
+        return InputAudioRawFrame(audio=data, sample_rate=self._pipeline_rate, num_channels=1)
+
+
+def create_websocket_transport(
+    websocket: WebSocket,
+    *,
+    in_sample_rate: int,
+    out_sample_rate: int,
+    session_timeout_s: int,
+    max_message_bytes: int,
+    allowed_origins: list[str],
+) -> FastAPIWebsocketTransport:
+    """A pipecat FastAPI WebSocket transport speaking :class:`PCMJSONSerializer`."""
+    logger.debug(f"websocket transport: in {in_sample_rate} Hz, out {out_sample_rate} Hz")
+    return FastAPIWebsocketTransport(
+        websocket=websocket,
+        params=FastAPIWebsocketParams(
+            audio_in_enabled=True,
+            audio_in_sample_rate=in_sample_rate,
+            audio_out_enabled=True,
+            audio_out_sample_rate=out_sample_rate,
+            add_wav_header=False,
+            serializer=PCMJSONSerializer(max_message_bytes=max_message_bytes),
+            session_timeout=session_timeout_s,
+            allowed_origins=allowed_origins,
+        ),
+    )
