@@ -29,6 +29,7 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transports.base_output import BaseOutputTransport
 
 # Stage name -> (from event, to event); each is a duration in the trace.
@@ -135,7 +136,8 @@ class LatencyTracer(BaseObserver):
             if self._current and isinstance(data.source, BaseOutputTransport):
                 self._current.bot_text += " " + frame.text
             return
-        if not data.first_push:
+        # Turn frames are broadcast both ways; the downstream copy is the one to count.
+        if not data.first_push or data.direction != FrameDirection.DOWNSTREAM:
             return
 
         if isinstance(frame, VADUserStartedSpeakingFrame):

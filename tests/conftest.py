@@ -1,0 +1,54 @@
+"""Shared fixtures: the real embedded models, loaded once, and speech made by Kokoro."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import soxr
+
+from bot.config import Config, load_config
+from bot.models import Models, load_kokoro, load_models
+
+# A voice other than the bot's, so the user and the bot sound different.
+USER_VOICE = "jm_kumo"
+
+
+@pytest.fixture(scope="session")
+def base_config(tmp_path_factory) -> Config:
+    """The shipped config.yaml, with traces written to a temp folder."""
+    config = load_config("config.yaml")
+    config.tracing.dir = tmp_path_factory.mktemp("latency")
+    return config
+
+
+@pytest.fixture(scope="session")
+def models(base_config) -> Models:
+    return load_models(base_config)
+
+
+@pytest.fixture(scope="session")
+def speaker(base_config):
+    """speak(text) -> int16 mono speech at ``sample_rate`` (16 kHz default), no padding."""
+    kokoro = load_kokoro(base_config)
+    cache: dict = {}
+
+    def speak(text: str, *, voice: str = USER_VOICE, sample_rate: int = 16000) -> np.ndarray:
+        key = (text, voice, sample_rate)
+        if key not in cache:
+            audio, rate = kokoro.create(text, voice, lang="en-us")
+            audio = soxr.resample(np.asarray(audio, dtype=np.float32), rate, sample_rate)
+            peak = float(np.max(np.abs(audio))) or 1.0
+            audio = audio * min(1.0, 0.9 / peak)
+            cache[key] = (audio * 32767).astype(np.int16)
+        return cache[key].copy()
+
+    return speak
+
+
+def silence(seconds: float, *, sample_rate: int = 16000) -> np.ndarray:
+    return np.zeros(int(seconds * sample_rate), dtype=np.int16)
