@@ -84,12 +84,13 @@ def talk(
     config_path: Path | None = ConfigOption,
 ):
     """Run the full bot on a WAV file, in real time, and report each turn."""
-    from bot.conversation import run_conversation
+    from bot.conversation import cues_from_wav, run_conversation
 
     config = _config(config_path, log_level="WARNING" if as_json else "INFO")
     audio = read_wav(wav, sample_rate=config.audio.in_sample_rate)
     models = _load_models(config)
-    result = asyncio.run(run_conversation(config=config, models=models, audio=audio))
+    cues = cues_from_wav(audio, sample_rate=config.audio.in_sample_rate)
+    result = asyncio.run(run_conversation(config=config, models=models, cues=cues))
     if out:
         sf.write(str(out), result.bot_audio(), config.audio.out_sample_rate, subtype="PCM_16")
     summary = result.summary()

@@ -63,6 +63,7 @@ class WhisperConfig(_Section):
     beam_size: int = Field(1, ge=1)
     cpu_threads: int = Field(2, ge=1)
     no_speech_prob: float = Field(0.6, ge=0, le=1)
+    fit_window: bool = True
 
 
 class VoxtralConfig(_Section):
@@ -120,6 +121,7 @@ class TTSConfig(_Section):
     voices_path: Path | None = None
     threads: int = Field(2, ge=1)
     peak_limit: float = Field(0.95, gt=0, le=1)
+    first_clause_words: tuple[int, int] | None = (3, 7)
 
 
 class TracingConfig(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from loguru import logger
@@ -20,8 +20,9 @@ from pipecat.workers.runner import WorkerRunner
 from bot.config import Config
 from bot.models import Models
 from bot.pipeline import build_pipeline
+from bot.pipeline import BotSession
 from bot.tracing import LatencyTracer, TurnTrace
-from transports.scripted import BotRecording, ScriptedTransport
+from transports.scripted import BotRecording, Cue, ScriptedTransport
 
 _FRAME = 0.02
 _SPEECH_RMS = 300  # about -40 dBFS
@@ -46,6 +47,15 @@ def speech_segments(audio: np.ndarray, *, sample_rate: int, max_gap: float = _MA
     return [(s, e) for s, e in segments]
 
 
+def cues_from_wav(audio: np.ndarray, *, sample_rate: int) -> list[Cue]:
+    """One cue per stretch of speech in a recording, each at its original time."""
+    cues = []
+    for start, end in speech_segments(audio, sample_rate=sample_rate):
+        i, j = int(start * sample_rate), int(end * sample_rate)
+        cues.append(Cue(audio=audio[i:j], at=start))
+    return cues
+
+
 @dataclass
 class TurnResult:
     """A user turn and the bot's reply, with the latency measured on the audio."""
@@ -60,12 +70,13 @@ class TurnResult:
 
 @dataclass
 class ConversationResult:
+    """What happened: the turns, the bot's audio, the cues as played, the context."""
+
     turns: list[TurnResult]
     recording: BotRecording
+    cues: list[Cue]
     messages: list[dict]
-    user_speech: list[tuple[float, float]]
     trace_path: str | None = None
-    meta: dict = field(default_factory=dict)
 
     def bot_audio(self) -> np.ndarray:
         return self.recording.timeline()
@@ -84,36 +95,37 @@ class ConversationResult:
         }
 
 
+def build_bot(*, config: Config, models: Models, transport, observers) -> BotSession:
+    return build_pipeline(config=config, transport=transport, models=models, observers=observers)
+
+
 async def run_conversation(
     *,
     config: Config,
     models: Models,
-    audio: np.ndarray,
-    speech_ends: list[float] | None = None,
+    cues: list[Cue],
     echo_gain: float = 0.0,
     settle_secs: float = 1.5,
     max_tail_secs: float = 15.0,
     session_id: str | None = None,
+    build=build_bot,
 ) -> ConversationResult:
-    """Play ``audio`` (int16 at the configured input rate) as the user and record the bot.
+    """Play the cues as the user, record the bot, and measure every turn.
 
     Args:
         config: Bot configuration.
         models: Loaded models.
-        audio: The user channel.
-        speech_ends: True ends of the user's utterances (s); found from the audio if None.
+        cues: The user's audio (int16 at the configured input rate) and timing.
         echo_gain: How much of the bot leaks back into the microphone.
         settle_secs: Quiet time after the last reply before the session ends.
-        max_tail_secs: Most time to wait after the user channel ends.
+        max_tail_secs: Most time to wait after the last cue.
         session_id: Names the trace file.
+        build: Makes the bot for a transport (the stock baseline passes its own).
     """
     rate = config.audio.in_sample_rate
-    segments = speech_segments(audio, sample_rate=rate)
-    ends = sorted(speech_ends) if speech_ends is not None else [e for _, e in segments]
     session_id = session_id or f"talk-{uuid.uuid4().hex[:8]}"
-
     transport = ScriptedTransport(
-        audio=audio,
+        cues=cues,
         in_sample_rate=rate,
         out_sample_rate=config.audio.out_sample_rate,
         echo_gain=echo_gain,
@@ -121,7 +133,7 @@ async def run_conversation(
     tracer = LatencyTracer(
         session_id=session_id, vad_stop_secs=config.vad.stop_secs, log_dir=config.tracing.dir
     )
-    session = build_pipeline(config=config, transport=transport, models=models, observers=[tracer])
+    session = build(config=config, models=models, transport=transport, observers=[tracer])
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(session.worker)
     run = asyncio.create_task(runner.run())
@@ -134,15 +146,15 @@ async def run_conversation(
     rec = transport.recording
     offset_ms = transport.input().pipeline_offset_ms
     turns = []
+    ends = [c.speech_end for c in cues if c.speech_end is not None]
     for trace in tracer.turns:
         measured = None
-        if trace.user_speech_end_ms is not None:
+        if trace.user_speech_end_ms is not None and trace.first_audio_out_ms is not None and ends:
             estimate = (trace.user_speech_end_ms - offset_ms) / 1000
-            end = min(ends, key=lambda e: abs(e - estimate)) if ends else None
-            if end is not None:
-                sound = rec.first_sound_after(end)
-                if sound is not None:
-                    measured = round((sound - end) * 1000, 1)
+            end = min(ends, key=lambda e: abs(e - estimate))
+            sound = rec.first_sound_after(end)
+            if sound is not None:
+                measured = round((sound - end) * 1000, 1)
         turns.append(
             TurnResult(
                 user_text=trace.user_text,
@@ -156,8 +168,8 @@ async def run_conversation(
     return ConversationResult(
         turns=turns,
         recording=rec,
+        cues=cues,
         messages=list(session.context.get_messages()),
-        user_speech=segments,
         trace_path=str(tracer.path) if tracer.path else None,
     )
 

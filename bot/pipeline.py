@@ -50,6 +50,7 @@ def build_stt(config: Config, models: Models) -> FrameProcessor:
             language=config.stt.language,
             beam_size=config.stt.whisper.beam_size,
             no_speech_prob=config.stt.whisper.no_speech_prob,
+            fit_window=config.stt.whisper.fit_window,
             trailing_silence_secs=config.stt.trailing_silence_secs,
         )
     raise ValueError(f"stt engine {models.stt_engine!r} is not available in this build")
@@ -132,6 +133,7 @@ def build_pipeline(
         lang=config.tts.lang,
         speed=config.tts.speed,
         peak_limit=config.tts.peak_limit,
+        first_clause_words=config.tts.first_clause_words,
     )
     pipeline = Pipeline(
         [

@@ -13,6 +13,9 @@ from loguru import logger
 from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.utils.text.base_text_aggregator import TextType
+
+from processors.first_clause_aggregator import FirstClauseAggregator
 
 KOKORO_SAMPLE_RATE = 24000
 # Speech starts where the signal first exceeds this (about -46 dBFS); what comes
@@ -73,6 +76,7 @@ class KokoroTTSService(TTSService):
         lang: str = "en-us",
         speed: float = 1.0,
         peak_limit: float = 0.95,
+        first_clause_words: tuple[int, int] | None = (3, 7),
         **kwargs,
     ):
         """Initialize the service.
@@ -84,6 +88,8 @@ class KokoroTTSService(TTSService):
             speed: Speech rate multiplier.
             peak_limit: Peaks above this (full scale = 1) are scaled down; some
                 voices clip otherwise.
+            first_clause_words: (min, max) words of a reply's first chunk, spoken
+                before its first sentence is complete; None waits for the sentence.
             **kwargs: Passed to ``TTSService``.
         """
         if voice not in kokoro.voices:
@@ -97,6 +103,14 @@ class KokoroTTSService(TTSService):
             settings=TTSSettings(model="kokoro-82m", voice=voice, language=lang),
             **kwargs,
         )
+        if first_clause_words:
+            # pipecat has no constructor argument for the aggregator; it is this one attribute.
+            self._text_aggregator = FirstClauseAggregator(
+                min_words=first_clause_words[0],
+                max_words=first_clause_words[1],
+                aggregation_type=TextType.SENTENCE,
+                language=self._text_aggregator.language,
+            )
         self._kokoro = kokoro
         self._voice = voice
         self._lang = lang

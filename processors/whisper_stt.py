@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
+import ctranslate2
 import numpy as np
 import soxr
 from faster_whisper import WhisperModel
+from faster_whisper.tokenizer import Tokenizer
 from loguru import logger
 
 from pipecat.frames.frames import ErrorFrame, Frame, TranscriptionFrame
@@ -16,6 +18,27 @@ from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.time import time_now_iso8601
 
 WHISPER_SAMPLE_RATE = 16000
+# Silence after the speech inside a fitted window, so the model hears the end.
+_FIT_PAD_SECS = 1.0
+# Whisper's window is 30 s; longer turns use faster-whisper's own chunking.
+_FIT_MAX_SECS = 28.0
+_TOKENS_PER_SEC = 6
+
+
+def cut_repetition(tokens: list[int], *, span: int = 3) -> list[int]:
+    """Cut a short-window hallucination: Whisper starting the transcript over.
+
+    A window fitted to the speech sometimes makes Whisper repeat from the
+    beginning ("What is the capital of France? What is the"); the first
+    ``span`` tokens coming back is that loop, and everything from there is dropped.
+    """
+    head = tokens[:span]
+    if not head:
+        return tokens
+    for i in range(1, len(tokens) - len(head) + 1):
+        if tokens[i : i + len(head)] == head:
+            return tokens[:i]
+    return tokens
 
 
 def pcm16_to_float(audio: bytes, *, sample_rate: int, target_rate: int) -> np.ndarray:
@@ -37,6 +60,7 @@ class WhisperSTTService(SegmentedSTTService):
         language: str | None = "en",
         beam_size: int = 1,
         no_speech_prob: float = 0.6,
+        fit_window: bool = True,
         **kwargs,
     ):
         """Initialize the service.
@@ -48,6 +72,8 @@ class WhisperSTTService(SegmentedSTTService):
             beam_size: 1 is greedy decoding, the fastest.
             no_speech_prob: Segments Whisper deems likelier silence than this are dropped,
                 so a cough does not become a hallucinated sentence.
+            fit_window: Encode only the speech (plus 1 s) instead of Whisper's fixed
+                30 s window: about 4x faster for a short turn on a CPU.
             **kwargs: Passed to ``SegmentedSTTService``.
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
@@ -55,6 +81,10 @@ class WhisperSTTService(SegmentedSTTService):
         self._language = language
         self._beam_size = beam_size
         self._no_speech_prob = no_speech_prob
+        self._fit_window = fit_window
+        self._tokenizer = Tokenizer(
+            model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language or "en"
+        )
 
     @property
     def wants_wav_segments(self) -> bool:
@@ -64,6 +94,8 @@ class WhisperSTTService(SegmentedSTTService):
         return True
 
     def _transcribe(self, samples: np.ndarray) -> str:
+        if self._fit_window and self._language and len(samples) < _FIT_MAX_SECS * WHISPER_SAMPLE_RATE:
+            return self._transcribe_fitted(samples)
         segments, _ = self._model.transcribe(
             samples,
             language=self._language,
@@ -75,6 +107,28 @@ class WhisperSTTService(SegmentedSTTService):
         return " ".join(
             s.text.strip() for s in segments if s.no_speech_prob < self._no_speech_prob
         ).strip()
+
+    def _transcribe_fitted(self, samples: np.ndarray) -> str:
+        padded = np.concatenate([samples, np.zeros(int(_FIT_PAD_SECS * WHISPER_SAMPLE_RATE), np.float32)])
+        features = self._model.feature_extractor(padded, padding=0)
+        frames = features.shape[1] - features.shape[1] % 2  # the encoder halves the frames
+        encoded = self._model.model.encode(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None, :, :frames]))
+        )
+        prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        duration = len(samples) / WHISPER_SAMPLE_RATE
+        result = self._model.model.generate(
+            encoded,
+            [prompt],
+            beam_size=self._beam_size,
+            max_length=len(prompt) + int(_TOKENS_PER_SEC * duration) + 8,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+        )[0]
+        if result.no_speech_prob >= self._no_speech_prob:
+            return ""
+        tokens = [t for t in result.sequences_ids[0] if t < self._tokenizer.eot]
+        return self._tokenizer.decode(cut_repetition(tokens)).strip()
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Transcribe one user turn in a worker thread."""

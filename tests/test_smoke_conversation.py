@@ -5,7 +5,7 @@ import numpy as np
 import soxr
 
 from bot.conversation import run_conversation
-from tests.conftest import silence
+from transports.scripted import Cue
 
 QUESTION = "What is the capital of France?"
 
@@ -15,8 +15,8 @@ def _normalize(text: str) -> str:
 
 
 async def test_scripted_turn_hears_answers_and_speaks(base_config, models, speaker):
-    audio = np.concatenate([silence(0.5), speaker(QUESTION), silence(3.0)])
-    result = await run_conversation(config=base_config, models=models, audio=audio)
+    cues = [Cue(audio=speaker(QUESTION), text=QUESTION, at=0.5)]
+    result = await run_conversation(config=base_config, models=models, cues=cues)
 
     answered = [t for t in result.turns if t.bot_text]
     assert len(answered) == 1, result.summary()

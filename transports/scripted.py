@@ -1,10 +1,13 @@
-"""An in-memory transport: plays a scripted user channel in real time and records the bot.
+"""An in-memory transport: plays a scripted user in real time and records the bot.
 
-The user channel is one int16 timeline (speech and pauses, known in advance), fed
-in 20 ms frames at real-time pace. Every bot audio frame is recorded with the time
-it started playing, paced like a real speaker, so interruptions and latency behave
-as they would with a person. Optionally the bot's own audio leaks back into the
-user channel (``echo_gain``), as through an open microphone.
+The user is a list of cues (pieces of int16 audio), each played when its trigger
+fires: a fixed time, a gap after the previous cue, or some time after the bot's
+reply becomes audible (to barge in mid-sentence whatever the bot's speed). The
+channel is fed in 20 ms frames at real-time pace, and each cue's true start and
+end of speech are recorded. Every bot audio frame is recorded with the time it
+starts playing, paced like a real speaker, so interruptions and latency behave as
+with a person. Optionally the bot's own audio leaks back into the user channel
+(``echo_gain``), as through an open microphone.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import soxr
 
-from pipecat.frames.frames import InputAudioRawFrame, OutputAudioRawFrame, StartFrame
-from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
@@ -25,6 +34,32 @@ from pipecat.transports.base_transport import BaseTransport, TransportParams
 FRAME_SECS = 0.02
 # Samples quieter than this (about -50 dBFS) are silence to the listener.
 SILENCE_LEVEL = 100
+# A delivery gap shorter than this inside a reply is an underrun (the speaker ran
+# dry); longer gaps are between replies.
+UNDERRUN_MAX_GAP = 1.0
+
+
+@dataclass
+class Cue:
+    """A piece of the user's audio and when to play it.
+
+    Exactly one trigger applies: ``at`` (seconds from the start), else
+    ``after_bot_starts`` (seconds after the bot's next reply becomes audible),
+    else ``after_previous`` (seconds after the previous cue ends; default 0).
+    """
+
+    audio: np.ndarray
+    text: str = ""
+    at: float | None = None
+    after_bot_starts: float | None = None
+    after_previous: float = 0.0
+    started: float | None = None
+    speech_end: float | None = None
+
+    def speech_end_offset(self, sample_rate: int) -> float:
+        """Seconds from the cue's start to its last non-silent sample."""
+        loud = np.flatnonzero(np.abs(self.audio.astype(np.int32)) > SILENCE_LEVEL)
+        return (loud[-1] + 1) / sample_rate if loud.size else 0.0
 
 
 @dataclass
@@ -34,6 +69,7 @@ class BotRecording:
     sample_rate: int
     chunks: list[tuple[float, np.ndarray]] = field(default_factory=list)
     last_sound: float | None = None
+    underruns: list[float] = field(default_factory=list)
 
     def add(self, start: float, audio: np.ndarray) -> None:
         self.chunks.append((start, audio))
@@ -108,12 +144,12 @@ class _Clock:
 
 
 class ScriptedInputTransport(BaseInputTransport):
-    """Feeds the scripted user channel, then silence, in real time."""
+    """Plays the cues into the user channel, silence in between, in real time."""
 
     def __init__(
         self,
         *,
-        audio: np.ndarray,
+        cues: list[Cue],
         clock: _Clock,
         recording: BotRecording,
         echo_gain: float,
@@ -121,7 +157,7 @@ class ScriptedInputTransport(BaseInputTransport):
         **kwargs,
     ):
         super().__init__(params, **kwargs)
-        self._audio = audio
+        self.cues = cues
         self._clock = clock
         self._recording = recording
         self._echo_gain = echo_gain
@@ -142,31 +178,54 @@ class ScriptedInputTransport(BaseInputTransport):
             self._feeder = None
         await super().cleanup()
 
+    def _due(self, cue: Cue, t: float, previous_end: float) -> bool:
+        if cue.at is not None:
+            return t >= cue.at
+        if cue.after_bot_starts is not None:
+            onset = self._recording.first_sound_after(previous_end)
+            return onset is not None and t >= onset + cue.after_bot_starts
+        return t >= previous_end + cue.after_previous
+
     async def _feed(self):
         rate = self.sample_rate
         step = int(rate * FRAME_SECS)
-        i = 0
         self._clock.now()
         self.pipeline_offset_ms = self.get_clock().get_time() / 1e6
+        pending = list(self.cues)
+        playing: tuple[Cue, int] | None = None  # the cue and how far it has played
+        previous_end = 0.0
+        n = 0
         while True:
-            t = i / rate
-            chunk = self._audio[i : i + step]
-            if len(chunk) < step:
-                if not self.finished.is_set() and len(chunk) == 0:
-                    self.finished.set()
-                chunk = np.pad(chunk, (0, step - len(chunk)))
+            t = n * step / rate
+            chunk = np.zeros(step, dtype=np.float32)
+            if playing is None and pending and self._due(pending[0], t, previous_end):
+                cue = pending.pop(0)
+                cue.started = t
+                cue.speech_end = t + cue.speech_end_offset(rate)
+                playing = (cue, 0)
+            if playing is not None:
+                cue, pos = playing
+                piece = cue.audio[pos : pos + step].astype(np.float32)
+                chunk[: len(piece)] += piece
+                pos += step
+                playing = (cue, pos) if pos < len(cue.audio) else None
+                if playing is None:
+                    previous_end = t + len(piece) / rate
+                    if not pending:
+                        self.finished.set()
             if self._echo_gain > 0:
                 echo = self._recording.samples_between(t - FRAME_SECS, t, sample_rate=rate)[:step]
-                mixed = chunk.astype(np.float32) + self._echo_gain * 32767 * np.pad(
-                    echo, (0, step - len(echo))
-                )
-                chunk = np.clip(mixed, -32768, 32767).astype(np.int16)
+                chunk[: len(echo)] += self._echo_gain * 32767 * echo
             await self.push_audio_frame(
-                InputAudioRawFrame(audio=chunk.tobytes(), sample_rate=rate, num_channels=1)
+                InputAudioRawFrame(
+                    audio=np.clip(chunk, -32768, 32767).astype(np.int16).tobytes(),
+                    sample_rate=rate,
+                    num_channels=1,
+                )
             )
-            i += step
+            n += 1
             # Pace to the wall clock, not to the sleeps, so frames never drift.
-            await asyncio.sleep(max(0.0, i / rate - self._clock.now()))
+            await asyncio.sleep(max(0.0, n * step / rate - self._clock.now()))
 
 
 class ScriptedOutputTransport(BaseOutputTransport):
@@ -182,8 +241,16 @@ class ScriptedOutputTransport(BaseOutputTransport):
         await super().start(frame)
         await self.set_transport_ready(frame)
 
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            self._next_play = 0.0  # the reply was cut: the gap that follows is no underrun
+
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         now = self._clock.now()
+        gap = now - self._next_play
+        if self._next_play and FRAME_SECS < gap < UNDERRUN_MAX_GAP:
+            self._recording.underruns.append(gap)
         start = max(now, self._next_play)
         audio = np.frombuffer(frame.audio, dtype=np.int16).copy()
         self._recording.add(start, audio)
@@ -199,7 +266,7 @@ class ScriptedTransport(BaseTransport):
     def __init__(
         self,
         *,
-        audio: np.ndarray,
+        cues: list[Cue],
         in_sample_rate: int = 16000,
         out_sample_rate: int = 24000,
         echo_gain: float = 0.0,
@@ -207,7 +274,7 @@ class ScriptedTransport(BaseTransport):
         """Initialize the transport.
 
         Args:
-            audio: The whole user channel, int16 mono at ``in_sample_rate``.
+            cues: The user's audio, int16 mono at ``in_sample_rate``, and when to play it.
             in_sample_rate: Sample rate of ``audio``.
             out_sample_rate: Sample rate the bot speaks at.
             echo_gain: How much of the bot's audio leaks into the user channel (0 = none).
@@ -223,7 +290,7 @@ class ScriptedTransport(BaseTransport):
         self.clock = _Clock()
         self.recording = BotRecording(sample_rate=out_sample_rate)
         self._input = ScriptedInputTransport(
-            audio=np.asarray(audio, dtype=np.int16),
+            cues=cues,
             clock=self.clock,
             recording=self.recording,
             echo_gain=echo_gain,
