@@ -101,5 +101,42 @@ def talk(
             typer.echo(f"turn {i}: {t['voice_to_voice_ms']} ms\n  user: {t['user_text']}\n  bot:  {t['bot_text']}")
 
 
+@app.command()
+def bench(
+    scenarios_dir: Path | None = typer.Option(None, "--scenarios", help="Folder of scenario YAMLs"),
+    names: list[str] = typer.Option([], "--scenario", "-s", help="Run only these scenarios"),
+    baseline: str | None = typer.Option(None, "--baseline", help="'stock': also run the stock pipecat bot"),
+    sessions: int = typer.Option(1, "--sessions", min=1, help="Conversations at once in this process"),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Run each scenario this many times"),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+    config_path: Path | None = ConfigOption,
+):
+    """Measure voice-to-voice latency on scripted conversations, ours vs stock."""
+    from bot.bench import run_bench
+    from bot.scenarios import DEFAULT_SCENARIOS, load_scenarios
+
+    if baseline not in (None, "stock"):
+        raise typer.BadParameter("only 'stock' is supported", param_hint="--baseline")
+    config = _config(config_path, log_level="WARNING")
+    scenarios = load_scenarios(scenarios_dir or DEFAULT_SCENARIOS, names=names or None)
+    models = _load_models(config)
+    summary = asyncio.run(
+        run_bench(config=config, models=models, scenarios=scenarios, baseline=baseline, sessions=sessions, repeat=repeat)
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for name in ("ours", "stock"):
+        if name in summary:
+            s = summary[name]
+            typer.echo(
+                f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns"
+                f" ({s['unanswered']} unanswered; underruns per session {s['underruns_per_session']})"
+            )
+    if "ratio_p50" in summary:
+        typer.echo(f"ours/stock p50 ratio: {summary['ratio_p50']}")
+    typer.echo(f"peak RSS {summary['rss_mb']} MB, {summary['sessions']} session(s) at once")
+
+
 if __name__ == "__main__":
     app()

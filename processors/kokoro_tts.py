@@ -100,6 +100,9 @@ class KokoroTTSService(TTSService):
             push_start_frame=True,
             push_stop_frames=True,
             push_text_frames=False,
+            # Under load a long sentence can take over pipecat's default 3 s to
+            # synthesize; the context must not be closed while it is on its way.
+            stop_frame_timeout_s=10.0,
             settings=TTSSettings(model="kokoro-82m", voice=voice, language=lang),
             **kwargs,
         )

@@ -45,13 +45,15 @@ class Cue:
 
     Exactly one trigger applies: ``at`` (seconds from the start), else
     ``after_bot_starts`` (seconds after the bot's next reply becomes audible),
-    else ``after_previous`` (seconds after the previous cue ends; default 0).
+    else ``after_bot_done`` (seconds of bot silence after that reply), else
+    ``after_previous`` (seconds after the previous cue ends; default 0).
     """
 
     audio: np.ndarray
     text: str = ""
     at: float | None = None
     after_bot_starts: float | None = None
+    after_bot_done: float | None = None
     after_previous: float = 0.0
     started: float | None = None
     speech_end: float | None = None
@@ -181,9 +183,13 @@ class ScriptedInputTransport(BaseInputTransport):
     def _due(self, cue: Cue, t: float, previous_end: float) -> bool:
         if cue.at is not None:
             return t >= cue.at
-        if cue.after_bot_starts is not None:
+        if cue.after_bot_starts is not None or cue.after_bot_done is not None:
             onset = self._recording.first_sound_after(previous_end)
-            return onset is not None and t >= onset + cue.after_bot_starts
+            if onset is None:
+                return False
+            if cue.after_bot_starts is not None:
+                return t >= onset + cue.after_bot_starts
+            return t >= self._recording.last_sound + cue.after_bot_done
         return t >= previous_end + cue.after_previous
 
     async def _feed(self):

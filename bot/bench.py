@@ -1,0 +1,133 @@
+"""`voxbot bench`: voice-to-voice latency of the real bot on scripted conversations.
+
+Latency is measured on the audio (true end of the user's speech in the cue to the
+first non-silent bot sample leaving the output transport), for ours and, in the
+same run, for the stock pipecat bot on the same models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from bot.config import Config
+from bot.conversation import ConversationResult, build_bot, run_conversation
+from bot.models import Models
+from bot.scenarios import Scenario, Speaker, build_cues
+from bot.tracing import percentile
+
+
+@dataclass
+class StackResult:
+    """Latency figures of one bot over all scenarios."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    turns: int = 0
+    unanswered: int = 0
+    underruns: list[int] = field(default_factory=list)
+    traces: list[str] = field(default_factory=list)
+
+    def add(self, result: ConversationResult) -> None:
+        answered = [t.voice_to_voice_ms for t in result.turns if t.voice_to_voice_ms is not None]
+        self.latencies_ms += answered
+        self.turns += len(result.turns)
+        self.unanswered += sum(1 for c in result.cues if c.text) - len(answered)
+        self.underruns.append(len(result.recording.underruns))
+        if result.trace_path:
+            self.traces.append(result.trace_path)
+
+    def summary(self) -> dict:
+        return {
+            "p50_ms": _round(percentile(self.latencies_ms, 50)),
+            "p95_ms": _round(percentile(self.latencies_ms, 95)),
+            "turns": len(self.latencies_ms),
+            "unanswered": max(0, self.unanswered),
+            "underruns_per_session": self.underruns,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process, MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+async def _run_stack(
+    *,
+    name: str,
+    config: Config,
+    models: Models,
+    scenarios: list[Scenario],
+    speaker: Speaker,
+    repeat: int,
+    sessions: int,
+    build,
+    progress: tqdm,
+) -> StackResult:
+    stack = StackResult()
+    for _ in range(repeat):
+        for scenario in scenarios:
+            progress.set_postfix_str(f"{name}: {scenario.name}")
+            results = await asyncio.gather(
+                *(
+                    run_conversation(
+                        config=config,
+                        models=models,
+                        cues=build_cues(scenario, speaker=speaker, sample_rate=config.audio.in_sample_rate),
+                        echo_gain=scenario.echo_gain,
+                        session_id=f"bench-{name}-{scenario.name}-{i}",
+                        build=build,
+                    )
+                    for i in range(sessions)
+                )
+            )
+            for result in results:
+                stack.add(result)
+            progress.update(1)
+    return stack
+
+
+async def run_bench(
+    *,
+    config: Config,
+    models: Models,
+    scenarios: list[Scenario],
+    baseline: str | None = None,
+    sessions: int = 1,
+    repeat: int = 1,
+    show_progress: bool = True,
+) -> dict:
+    """Run every scenario through our bot (and the stock one) and summarize."""
+    speaker = Speaker(kokoro=models.kokoro, sample_rate=config.audio.in_sample_rate)
+    stacks = 2 if baseline == "stock" else 1
+    progress = tqdm(
+        total=len(scenarios) * repeat * stacks, desc="bench", unit="scenario", disable=not show_progress
+    )
+    common = dict(
+        config=config, models=models, scenarios=scenarios, speaker=speaker,
+        repeat=repeat, progress=progress,
+    )  # fmt: skip
+    try:
+        ours = await _run_stack(name="ours", sessions=sessions, build=build_bot, **common)
+        summary: dict = {"ours": ours.summary(), "sessions": sessions, "scenarios": [s.name for s in scenarios]}
+        if baseline == "stock":
+            from bot.stock import llama_server, stock_builder
+
+            with llama_server(config) as base_url:
+                stock = await _run_stack(
+                    name="stock", sessions=sessions, build=stock_builder(base_url), **common
+                )
+            summary["stock"] = stock.summary()
+            if ours.latencies_ms and stock.latencies_ms:
+                summary["ratio_p50"] = round(summary["ours"]["p50_ms"] / summary["stock"]["p50_ms"], 3)
+    finally:
+        progress.close()
+    summary["rss_mb"] = rss_mb()
+    summary["traces"] = ours.traces
+    return summary
