@@ -54,7 +54,8 @@ class TurnsConfig(_Section):
     stop_strategy: Literal["speech_timeout", "smart_turn"] = "speech_timeout"
     user_speech_timeout: float = Field(0.2, ge=0)
     interruptions: bool = True
-    min_words_while_bot_speaking: int = Field(1, ge=1)
+    barge_in: Literal["words", "vad"] = "words"
+    barge_in_min_words: int = Field(1, ge=1)
 
 
 class WhisperConfig(_Section):

@@ -20,7 +20,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
 )
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
-from pipecat.turns.user_start import MinWordsUserTurnStartStrategy, VADUserTurnStartStrategy
+from pipecat.turns.user_start import VADUserTurnStartStrategy
 from pipecat.turns.user_stop import (
     SpeechTimeoutUserTurnStopStrategy,
     TurnAnalyzerUserTurnStopStrategy,
@@ -29,6 +29,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bot.config import Config
 from bot.models import Models
+from processors.barge_in import BargeInUserTurnStartStrategy, RecentBotSpeech
 from processors.kokoro_tts import KokoroTTSService
 from processors.responder import LlamaCppLLMService
 from processors.whisper_stt import WhisperSTTService
@@ -82,18 +83,19 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 
 
-def build_turn_strategies(config: Config) -> UserTurnStrategies:
+def build_turn_strategies(config: Config, *, recent_bot_speech: RecentBotSpeech) -> UserTurnStrategies:
     """When a user turn starts (and may interrupt the bot) and when it ends."""
     turns = config.turns
-    start = [VADUserTurnStartStrategy(enable_interruptions=turns.interruptions)]
-    if turns.min_words_while_bot_speaking > 1:
-        # While the bot speaks, a backchannel ("mhm") must not cut it off.
+    if turns.barge_in == "words":
         start = [
-            MinWordsUserTurnStartStrategy(
-                min_words=turns.min_words_while_bot_speaking,
+            BargeInUserTurnStartStrategy(
+                recent_bot_speech=recent_bot_speech,
+                min_words=turns.barge_in_min_words,
                 enable_interruptions=turns.interruptions,
             )
         ]
+    else:
+        start = [VADUserTurnStartStrategy(enable_interruptions=turns.interruptions)]
     if turns.stop_strategy == "smart_turn":
         from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 
@@ -113,6 +115,8 @@ def build_pipeline(
 ) -> BotSession:
     """Assemble one session's pipeline around shared, already loaded models."""
     context = LLMContext()
+    # What the bot says, so its echo in the user's microphone is not a barge-in.
+    recent_bot_speech = RecentBotSpeech()
     user, assistant = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(
@@ -124,7 +128,7 @@ def build_pipeline(
                     min_volume=config.vad.min_volume,
                 )
             ),
-            user_turn_strategies=build_turn_strategies(config),
+            user_turn_strategies=build_turn_strategies(config, recent_bot_speech=recent_bot_speech),
         ),
     )
     tts = KokoroTTSService(
@@ -134,6 +138,7 @@ def build_pipeline(
         speed=config.tts.speed,
         peak_limit=config.tts.peak_limit,
         first_clause_words=config.tts.first_clause_words,
+        recent_speech=recent_bot_speech,
     )
     pipeline = Pipeline(
         [

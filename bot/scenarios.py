@@ -18,7 +18,7 @@ import soxr
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from transports.scripted import Cue
+from transports.scripted import SILENCE_LEVEL, Cue
 
 DEFAULT_SCENARIOS = Path(__file__).resolve().parent.parent / "tests" / "scenarios"
 USER_VOICE = "jm_kumo"
@@ -127,3 +127,31 @@ def build_cues(scenario: Scenario, *, speaker: Speaker, sample_rate: int) -> lis
             )
         )
     return cues
+
+
+def speech_onset(cue: Cue, *, sample_rate: int) -> float:
+    """When the cue's first non-silent sample was played (s from transport start)."""
+    loud = np.flatnonzero(np.abs(cue.audio.astype(np.int32)) > SILENCE_LEVEL)
+    return cue.started + (loud[0] / sample_rate if loud.size else 0.0)
+
+
+def barge_in_stop_ms(result, index: int, *, sample_rate: int) -> float | None:
+    """From the onset of cue ``index`` to the bot's last audio during it; None if not played.
+
+    The bot cannot answer before the user finishes, so any bot audio while the
+    user is still talking is the old reply not yet stopped.
+    """
+    cue = result.cues[index]
+    if cue.started is None:
+        return None
+    onset = speech_onset(cue, sample_rate=sample_rate)
+    last = result.recording.last_sound_between(onset, cue.speech_end)
+    return round(max(0.0, (last or onset) - onset) * 1000, 1)
+
+
+def kept_talking(result, index: int, *, after_secs: float = 1.0) -> bool:
+    """Whether the bot was still speaking ``after_secs`` after cue ``index`` ended."""
+    cue = result.cues[index]
+    if cue.speech_end is None:
+        return False
+    return result.recording.last_sound_between(cue.speech_end + after_secs, cue.speech_end + after_secs + 1.0) is not None

@@ -61,7 +61,10 @@ class TurnTrace:
     bot_end_ms: float | None = None
     interrupted: bool = False
     user_text: str = ""
+    # What the bot was heard saying (words leave the output as their audio plays),
+    # and what the model generated; they differ when the user interrupts.
     bot_text: str = ""
+    generated_text: str = ""
     stages: dict[str, float] = field(default_factory=dict)
     voice_to_voice_ms: float | None = None
 
@@ -74,6 +77,7 @@ class TurnTrace:
             self.voice_to_voice_ms = round(self.first_audio_out_ms - self.user_speech_end_ms, 1)
         self.user_text = self.user_text.strip()
         self.bot_text = " ".join(self.bot_text.split())
+        self.generated_text = self.generated_text.strip()
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -164,6 +168,7 @@ class LatencyTracer(BaseObserver):
             turn.generation_start_ms = t
         elif isinstance(frame, LLMTextFrame) and turn.generation_start_ms is not None:
             turn.first_token_ms = turn.first_token_ms or t
+            turn.generated_text += frame.text
         elif isinstance(frame, TTSStartedFrame):
             turn.tts_start_ms = turn.tts_start_ms or t
         elif isinstance(frame, TTSAudioRawFrame):

@@ -12,10 +12,20 @@ from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
 from loguru import logger
 
-from pipecat.frames.frames import ErrorFrame, Frame, TranscriptionFrame
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.time import time_now_iso8601
+
+from processors.barge_in import Floor
 
 WHISPER_SAMPLE_RATE = 16000
 # Silence after the speech inside a fitted window, so the model hears the end.
@@ -61,6 +71,7 @@ class WhisperSTTService(SegmentedSTTService):
         beam_size: int = 1,
         no_speech_prob: float = 0.6,
         fit_window: bool = True,
+        interim_secs: float | None = 0.15,
         **kwargs,
     ):
         """Initialize the service.
@@ -74,6 +85,10 @@ class WhisperSTTService(SegmentedSTTService):
                 so a cough does not become a hallucinated sentence.
             fit_window: Encode only the speech (plus 1 s) instead of Whisper's fixed
                 30 s window: about 4x faster for a short turn on a CPU.
+            interim_secs: While the bot holds the floor (thinking or speaking),
+                transcribe the user's speech every this many seconds, so a
+                barge-in is recognized by its words before the user stops
+                talking. None disables it.
             **kwargs: Passed to ``SegmentedSTTService``.
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
@@ -82,6 +97,10 @@ class WhisperSTTService(SegmentedSTTService):
         self._beam_size = beam_size
         self._no_speech_prob = no_speech_prob
         self._fit_window = fit_window
+        self._interim_bytes = int(interim_secs * WHISPER_SAMPLE_RATE * 2) if interim_secs else 0
+        self._floor = Floor()
+        self._interim_task: asyncio.Task | None = None
+        self._interim_mark = 0
         self._tokenizer = Tokenizer(
             model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language or "en"
         )
@@ -129,6 +148,44 @@ class WhisperSTTService(SegmentedSTTService):
             return ""
         tokens = [t for t in result.sequences_ids[0] if t < self._tokenizer.eot]
         return self._tokenizer.decode(cut_repetition(tokens)).strip()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        self._floor.update(frame)
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._interim_mark = 0
+            self._maybe_interim()
+
+    async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
+        await super().process_audio_frame(frame, direction)
+        self._maybe_interim()
+
+    def _maybe_interim(self):
+        """Transcribe the speech so far while the bot has the floor: the words decide a barge-in."""
+        if not (self._interim_bytes and self._floor.bot_has_it and self._user_speaking):
+            return
+        if self._interim_task and not self._interim_task.done():
+            return
+        if len(self._audio_buffer) - self._interim_mark < self._interim_bytes and self._interim_mark:
+            return
+        self._interim_mark = len(self._audio_buffer)
+        # The last 3 s are plenty to recognize a barge-in and keep each pass cheap.
+        audio = bytes(self._audio_buffer[-3 * self.sample_rate * 2 :])
+        self._interim_task = self.create_task(self._interim(audio))
+
+    async def _interim(self, audio: bytes):
+        samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
+        text = await asyncio.to_thread(self._transcribe, samples)
+        if text and self._user_speaking:
+            await self.push_frame(
+                InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), self._language)
+            )
+
+    async def cleanup(self):
+        if self._interim_task:
+            await self.cancel_task(self._interim_task)
+            self._interim_task = None
+        await super().cleanup()
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Transcribe one user turn in a worker thread."""

@@ -1,0 +1,75 @@
+"""Scripted conversations (tests/scenarios/*.yaml) through the real bot.
+
+Each scenario's ``expect`` block is checked on the recorded bot audio, the
+latency traces and the conversation context — never on log text.
+"""
+
+import pytest
+
+from bot.conversation import run_conversation
+from bot.scenarios import Speaker, barge_in_stop_ms, build_cues, kept_talking, load_scenarios
+from processors.barge_in import words_of
+
+SCENARIOS = load_scenarios()
+
+
+@pytest.fixture(scope="module")
+def scenario_speaker(models, base_config):
+    return Speaker(kokoro=models.kokoro, sample_rate=base_config.audio.in_sample_rate)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+async def test_scenario(scenario, base_config, models, scenario_speaker):
+    rate = base_config.audio.in_sample_rate
+    result = await run_conversation(
+        config=base_config,
+        models=models,
+        cues=build_cues(scenario, speaker=scenario_speaker, sample_rate=rate),
+        echo_gain=scenario.echo_gain,
+        session_id=f"test-{scenario.name}",
+    )
+    expect = scenario.expect
+    user_messages = [m["content"] for m in result.messages if m["role"] == "user"]
+    assistant_messages = [m["content"] for m in result.messages if m["role"] == "assistant"]
+    report = {"turns": result.summary()["turns"], "messages": result.messages}
+    assert all(c.started is not None for c in result.cues), "every cue was played"
+
+    if "answered_turns" in expect:
+        answered = [t for t in result.turns if t.bot_text and t.voice_to_voice_ms is not None]
+        assert len(answered) == expect["answered_turns"], report
+
+    if "barge_in" in expect:
+        index = expect["barge_in"]
+        stop_ms = barge_in_stop_ms(result, index, sample_rate=rate)
+        # The bot stopped while the user was still talking, not after.
+        cue = result.cues[index]
+        assert stop_ms is not None and stop_ms < (cue.speech_end - cue.started) * 1000 - 300, (stop_ms, report)
+        interrupted = [t for t in result.turns if t.interrupted]
+        assert interrupted, report
+        # The context keeps only what was heard: a part of what the model generated.
+        cut = interrupted[0]
+        heard, generated = words_of(cut.bot_text), words_of(cut.trace.generated_text)
+        assert len(heard) < len(generated), report
+        assert heard == generated[: len(heard)], report
+        assert not heard or any(words_of(m) == heard for m in assistant_messages), report
+
+    if expect.get("answered_after"):
+        last = result.cues[-1]
+        assert result.recording.first_sound_after(last.speech_end) is not None, report
+        assert assistant_messages and result.messages[-1]["role"] == "assistant", report
+
+    for index in expect.get("keeps_talking", []):
+        assert kept_talking(result, index), (index, report)
+        assert not any(t.interrupted for t in result.turns), report
+        assert len(user_messages) == 1, report  # the backchannel or noise never became a turn
+
+    if expect.get("no_interruption"):
+        assert not any(t.interrupted for t in result.turns), report
+        assert len(user_messages) == 1, report
+
+    if "one_user_message" in expect:
+        assert len(user_messages) == 1, report
+        assert words_of(user_messages[0]) == words_of(expect["one_user_message"]), report
+
+    if "last_user_mentions" in expect:
+        assert expect["last_user_mentions"] in words_of(user_messages[-1]), report
