@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from loguru import logger
 
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.workers.runner import WorkerRunner
 
 from bot.config import Config
@@ -94,6 +95,7 @@ async def run_conversation(
     settle_secs: float = 1.5,
     max_tail_secs: float = 15.0,
     session_id: str | None = None,
+    observers: list[BaseObserver] | None = None,
 ) -> ConversationResult:
     """Play ``audio`` (int16 at the configured input rate) as the user and record the bot.
 
@@ -106,6 +108,7 @@ async def run_conversation(
         settle_secs: Quiet time after the last reply before the session ends.
         max_tail_secs: Most time to wait after the user channel ends.
         session_id: Names the trace file.
+        observers: Watch the session's frames beside the latency tracer.
     """
     rate = config.audio.in_sample_rate
     segments = speech_segments(audio, sample_rate=rate)
@@ -121,7 +124,9 @@ async def run_conversation(
     tracer = LatencyTracer(
         session_id=session_id, vad_stop_secs=config.vad.stop_secs, log_dir=config.tracing.dir
     )
-    session = build_pipeline(config=config, transport=transport, models=models, observers=[tracer])
+    session = build_pipeline(
+        config=config, transport=transport, models=models, observers=[tracer, *(observers or [])]
+    )
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(session.worker)
     run = asyncio.create_task(runner.run())
