@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.workers.runner import WorkerRunner
 
 from bot.config import Config
@@ -109,6 +110,7 @@ async def run_conversation(
     max_tail_secs: float = 15.0,
     session_id: str | None = None,
     build=build_bot,
+    observers: list[BaseObserver] | None = None,
 ) -> ConversationResult:
     """Play the cues as the user, record the bot, and measure every turn.
 
@@ -121,6 +123,7 @@ async def run_conversation(
         max_tail_secs: Most time to wait after the last cue.
         session_id: Names the trace file.
         build: Makes the bot for a transport (the stock baseline passes its own).
+        observers: Watch the session's frames beside the latency tracer.
     """
     rate = config.audio.in_sample_rate
     session_id = session_id or f"talk-{uuid.uuid4().hex[:8]}"
@@ -133,7 +136,9 @@ async def run_conversation(
     tracer = LatencyTracer(
         session_id=session_id, vad_stop_secs=config.vad.stop_secs, log_dir=config.tracing.dir
     )
-    session = build(config=config, models=models, transport=transport, observers=[tracer])
+    session = build(
+        config=config, models=models, transport=transport, observers=[tracer, *(observers or [])]
+    )
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(session.worker)
     run = asyncio.create_task(runner.run())

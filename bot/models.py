@@ -20,7 +20,11 @@ class Models:
 
     stt_engine: str
     stt_reason: str
+    stt_device: str | None = None
+    stt_dtype: str | None = None
     whisper: Any = None
+    # processors.voxtral_stt.VoxtralModel: the STT and, with llm.engine voxtral, the responder.
+    voxtral: Any = None
     llm: Any = None
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
     kokoro: Any = None
@@ -28,17 +32,43 @@ class Models:
 
     def describe(self) -> dict:
         return {
-            "stt": {"engine": self.stt_engine, "reason": self.stt_reason},
+            "stt": {
+                "engine": self.stt_engine,
+                "reason": self.stt_reason,
+                "device": self.stt_device,
+                "dtype": self.stt_dtype,
+                "gpu_memory_bytes": (
+                    self.voxtral.gpu_memory_bytes() if self.voxtral is not None else None
+                ),
+            },
             "load_seconds": self.load_seconds,
         }
 
 
 def choose_stt_engine(config: Config) -> tuple[str, str]:
-    """Pick the STT engine and say why, so the start-up log explains the choice."""
+    """Pick the STT engine and say why, so the start-up log explains the choice.
+
+    ``auto`` takes Voxtral only where it is fast (a CUDA GPU) and its weights are
+    already on this machine; otherwise the bundled Whisper, which always works.
+    """
     engine = config.stt.engine
     if engine != "auto":
         return engine, f"stt.engine is set to {engine}"
-    return "whisper", "auto: the bundled Whisper tiny.en (CPU)"
+    whisper = "the bundled Whisper tiny.en (CPU)"
+    voxtral = config.stt.voxtral
+    if voxtral.device == "cpu":
+        return "whisper", f"auto: stt.voxtral.device is cpu (too slow for Voxtral); using {whisper}"
+    try:
+        import torch
+    except ImportError:
+        return "whisper", f"auto: torch is not installed (the voxtral extra); using {whisper}"
+    if not torch.cuda.is_available():
+        return "whisper", f"auto: no CUDA GPU for Voxtral; using {whisper}"
+    try:
+        path = assets.voxtral_model_dir(model_id=voxtral.model_id, configured=voxtral.model_path)
+    except assets.MissingModelError as e:
+        return "whisper", f"auto: CUDA GPU found but {e} Using {whisper}"
+    return "voxtral", f"auto: CUDA GPU and Voxtral weights at {path}"
 
 
 def _timed(name: str, seconds: dict[str, float], fn):
@@ -74,6 +104,42 @@ def load_llama(config: Config):
     )
 
 
+def load_voxtral(config: Config):
+    """Voxtral through transformers from a local folder or the HF cache: bf16 on CUDA, fp32 on CPU.
+
+    Raises:
+        assets.MissingModelError: the weights are not on this machine; the message names the fix.
+        ImportError: torch or transformers (the ``voxtral`` extra) is not installed.
+        ValueError: stt.voxtral.device is cuda but torch sees no CUDA GPU.
+    """
+    voxtral = config.stt.voxtral
+    path = assets.voxtral_model_dir(model_id=voxtral.model_id, configured=voxtral.model_path)
+    try:
+        import torch
+        from transformers import AutoProcessor, VoxtralForConditionalGeneration
+
+        from processors.voxtral_stt import VoxtralModel
+    except ImportError as e:
+        raise ImportError(
+            f"Voxtral needs the voxtral extra: pip install 'voxbot[voxtral]' ({e})"
+        ) from e
+
+    cuda = torch.cuda.is_available()
+    if voxtral.device == "cuda" and not cuda:
+        raise ValueError("stt.voxtral.device is cuda but torch sees no CUDA GPU")
+    device = torch.device("cuda" if cuda and voxtral.device != "cpu" else "cpu")
+    # Voxtral ships in bf16 (half of fp32's GPU memory); CPUs lack fast bf16 kernels.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = VoxtralForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, device_map=str(device), local_files_only=True
+    ).eval()
+    logger.info(f"Voxtral {voxtral.model_id} from {path} on {device} ({dtype})")
+    return VoxtralModel(
+        model=model, processor=processor, model_id=voxtral.model_id, device=device, dtype=dtype
+    )
+
+
 def load_kokoro(config: Config):
     import onnxruntime as ort
     from kokoro_onnx import Kokoro
@@ -104,6 +170,15 @@ def load_models(config: Config) -> Models:
     seconds = models.load_seconds
     if engine == "whisper":
         models.whisper = _timed("whisper", seconds, lambda: load_whisper(config))
+        models.stt_device, models.stt_dtype = "cpu", config.stt.whisper.compute_type
+    if engine == "voxtral" or config.llm.engine == "voxtral":
+        # One Voxtral in memory, whether it hears, answers or both.
+        models.voxtral = _timed("voxtral", seconds, lambda: load_voxtral(config))
+    if engine == "voxtral":
+        models.stt_device = str(models.voxtral.device)
+        models.stt_dtype = str(models.voxtral.dtype).removeprefix("torch.")
+    if engine == "voxtral_remote":
+        models.stt_device = f"remote: {config.stt.remote.base_url}"
     if config.llm.engine == "llama_cpp":
         models.llm = _timed("llama_cpp", seconds, lambda: load_llama(config))
     models.kokoro = _timed("kokoro", seconds, lambda: load_kokoro(config))
@@ -118,6 +193,10 @@ def warm_up(models: Models, config: Config) -> None:
             np.zeros(16000, dtype=np.float32), language=config.stt.language, beam_size=1
         )
         list(segments)
+    if models.voxtral is not None:
+        models.voxtral.transcribe(
+            np.zeros(16000, dtype=np.float32), language=config.stt.language, max_new_tokens=1
+        )
     if models.llm is not None:
         with models.llm_lock:
             models.llm.create_chat_completion(

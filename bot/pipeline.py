@@ -32,6 +32,7 @@ from bot.models import Models
 from processors.barge_in import BargeInUserTurnStartStrategy, RecentBotSpeech
 from processors.kokoro_tts import KokoroTTSService
 from processors.responder import LlamaCppLLMService
+from processors.voxtral_remote_stt import VoxtralRemoteSTTService
 from processors.whisper_stt import WhisperSTTService
 
 
@@ -54,11 +55,31 @@ def build_stt(config: Config, models: Models) -> FrameProcessor:
             fit_window=config.stt.whisper.fit_window,
             trailing_silence_secs=config.stt.trailing_silence_secs,
         )
+    if models.stt_engine == "voxtral":
+        # torch and transformers are the optional `voxtral` extra: imported only when chosen.
+        from processors.voxtral_stt import VoxtralSTTService
+
+        return VoxtralSTTService(
+            model=models.voxtral,
+            language=config.stt.language,
+            max_new_tokens=config.stt.voxtral.max_new_tokens,
+            trailing_silence_secs=config.stt.trailing_silence_secs,
+        )
+    if models.stt_engine == "voxtral_remote":
+        remote = config.stt.remote
+        return VoxtralRemoteSTTService(
+            base_url=remote.base_url,
+            model=remote.model,
+            api_key=remote.api_key,
+            language=config.stt.language,
+            timeout_s=remote.timeout_s,
+            trailing_silence_secs=config.stt.trailing_silence_secs,
+        )
     raise ValueError(f"stt engine {models.stt_engine!r} is not available in this build")
 
 
 def build_responder(config: Config, models: Models) -> FrameProcessor:
-    """The response generator: local GGUF or any OpenAI-compatible server."""
+    """The response generator: local GGUF, any OpenAI-compatible server, or Voxtral itself."""
     if config.llm.engine == "llama_cpp":
         return LlamaCppLLMService(
             llm=models.llm,
@@ -79,6 +100,15 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
                 max_tokens=config.llm.max_tokens,
                 temperature=config.llm.temperature,
             ),
+        )
+    if config.llm.engine == "voxtral":
+        from processors.voxtral_responder import VoxtralLLMService
+
+        return VoxtralLLMService(
+            model=models.voxtral,
+            system_prompt=config.llm.system_prompt,
+            max_tokens=config.llm.max_tokens,
+            temperature=config.llm.temperature,
         )
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 

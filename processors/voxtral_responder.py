@@ -1,0 +1,211 @@
+"""Voxtral in chat mode as a streaming pipecat LLM service: the STT's model also answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+from loguru import logger
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from pipecat.frames.frames import (
+    Frame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+)
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import LLMSettings
+
+from processors.responder import SENTENCE_ENDS
+from processors.voxtral_stt import VoxtralModel
+
+# Past max_tokens a reply may run this many more tokens to reach a sentence end.
+_GRACE_TOKENS = 24
+_DONE = object()
+
+
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """Move system instructions to the head of the first user turn.
+
+    Voxtral's chat template (tokenizer v7) refuses a system message next to audio,
+    so the instructions travel inside the user turn instead.
+    """
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    chat = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return chat
+    for i, message in enumerate(chat):
+        if message["role"] == "user":
+            content = message["content"]
+            if isinstance(content, str):
+                content = f"{system}\n\n{content}"
+            else:
+                content = [{"type": "text", "text": system}, *content]
+            chat[i] = {**message, "content": content}
+            return chat
+    return [*chat, {"role": "user", "content": system}]
+
+
+class _LoopStreamer(TextStreamer):
+    """Hands each decoded word from the generating thread straight to the event loop."""
+
+    def __init__(self, *, tokenizer, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._loop = loop
+        self._queue = queue
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+
+
+class _ReplyStop(StoppingCriteria):
+    """Ends generation on interruption, or past the soft cap at a sentence end."""
+
+    def __init__(self, *, stop: threading.Event, tokenizer, prompt_tokens: int, max_tokens: int):
+        self._stop = stop
+        self._tokenizer = tokenizer
+        self._prompt_tokens = prompt_tokens
+        self._max_tokens = max_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = self._stop.is_set()
+        if not done and input_ids.shape[1] - self._prompt_tokens >= self._max_tokens:
+            last = self._tokenizer.decode(input_ids[0, -1:].tolist(), skip_special_tokens=True)
+            done = last.rstrip().endswith(SENTENCE_ENDS)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class VoxtralLLMService(LLMService):
+    """Streams a reply from the shared Voxtral model, word by word, off the event loop.
+
+    With Voxtral as the STT, the same weights answer: one model in memory for
+    both. Replies are capped and end at a sentence boundary, as in
+    ``LlamaCppLLMService``; an interruption stops the generating thread at its
+    next token, so no GPU or CPU keeps burning on a dead reply.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: VoxtralModel,
+        system_prompt: str,
+        max_tokens: int = 48,
+        temperature: float = 0.2,
+        **kwargs,
+    ):
+        """Initialize the service.
+
+        Args:
+            model: The loaded Voxtral model, shared with the STT and across sessions.
+            system_prompt: Instructions, sent at the head of the first user turn.
+            max_tokens: Soft reply cap; the reply then runs on to its sentence end.
+            temperature: Sampling temperature; 0 decodes greedily.
+            **kwargs: Passed to ``LLMService``.
+        """
+        super().__init__(
+            settings=LLMSettings(
+                model=model.model_id,
+                system_instruction=system_prompt,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                top_p=None,
+                top_k=None,
+                frequency_penalty=None,
+                presence_penalty=None,
+                seed=None,
+                filter_incomplete_user_turns=False,
+                user_turn_completion_config=None,
+            ),
+            **kwargs,
+        )
+        self._model = model
+        self._system_prompt = system_prompt
+        self._max_tokens = max_tokens
+        self._temperature = temperature
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            await self.push_frame(LLMFullResponseStartFrame())
+            await self.start_processing_metrics()
+            try:
+                await self._respond(frame.context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                await self.push_error(error_msg=f"Voxtral generation failed: {e}", exception=e)
+            finally:
+                await self.stop_processing_metrics()
+                await self.push_frame(LLMFullResponseEndFrame())
+        else:
+            await self.push_frame(frame, direction)
+
+    async def _messages(self, context: LLMContext) -> list[dict]:
+        params = await self.get_llm_adapter().get_llm_invocation_params(
+            context, system_instruction=self._system_prompt, convert_developer_to_user=True
+        )
+        return fold_system_prompt(list(params["messages"]))
+
+    async def _respond(self, context: LLMContext):
+        vox = self._model
+        inputs = vox.processor.apply_chat_template(
+            await self._messages(context), tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(vox.device, dtype=vox.dtype)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        tokenizer = vox.processor.tokenizer
+        criteria = _ReplyStop(
+            stop=stop,
+            tokenizer=tokenizer,
+            prompt_tokens=inputs["input_ids"].shape[1],
+            max_tokens=self._max_tokens,
+        )
+
+        sampling = (
+            {"do_sample": True, "temperature": self._temperature}
+            if self._temperature > 0
+            else {"do_sample": False}
+        )
+
+        def generate():
+            try:
+                with vox.lock, torch.inference_mode():
+                    vox.model.generate(
+                        **inputs,
+                        max_new_tokens=self._max_tokens + _GRACE_TOKENS,
+                        **sampling,
+                        streamer=_LoopStreamer(tokenizer=tokenizer, loop=loop, queue=queue),
+                        stopping_criteria=StoppingCriteriaList([criteria]),
+                    )
+            except BaseException as e:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        await self.start_ttfb_metrics()
+        worker = asyncio.create_task(asyncio.to_thread(generate))
+        text = ""
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if not text:
+                    await self.stop_ttfb_metrics()
+                text += item
+                await self._push_llm_text(item)
+            if text.strip() and not text.rstrip().endswith(SENTENCE_ENDS):
+                await self._push_llm_text(".")
+        finally:
+            stop.set()
+            # The thread notices at its next token; wait so the lock is free for the next turn.
+            await asyncio.shield(worker)
+        logger.debug(f"{self}: replied {text.strip()!r}")
