@@ -57,15 +57,13 @@ def serve(
     port: int | None = typer.Option(None, help="Overrides server.port"),
 ):
     """Serve the bot: a web page at /, the voice WebSocket at /ws."""
-    import uvicorn
-
-    from bot.server import create_app
+    from bot.server import create_server
 
     config = _config(config_path)
     host = host or config.server.host
     port = port if port is not None else config.server.port
     typer.echo(f"voxbot: serving on http://{host}:{port} (models load in the background; see /ready)")
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", ws_max_size=config.server.max_message_bytes * 2)
+    create_server(config, host=host, port=port).run()
 
 
 @app.command()

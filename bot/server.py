@@ -8,8 +8,10 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,7 +21,7 @@ from bot.config import Config
 from bot.models import Models, load_models
 from bot.pipeline import build_pipeline
 from bot.tracing import LatencyTracer, TurnTrace, percentile
-from transports.websocket import create_websocket_transport
+from transports.websocket import ClientEventsObserver, create_websocket_transport
 
 STATIC = Path(__file__).parent / "static"
 
@@ -82,6 +84,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
 
     app = FastAPI(title="voxbot", lifespan=lifespan)
     app.state.bot = state
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
     async def index():
@@ -117,6 +120,10 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
         await websocket.accept()
+        if state.load_error:
+            await websocket.send_json({"type": "error", "message": f"models failed to load: {state.load_error}"})
+            await websocket.close(code=1011)
+            return
         if state.models is None:
             await websocket.send_json({"type": "error", "message": "models are still loading; retry when /ready"})
             await websocket.close(code=1013)
@@ -135,21 +142,31 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
     """Run one conversation until the client leaves."""
     config = state.config
     session_id = uuid.uuid4().hex[:12]
-    transport = create_websocket_transport(
-        websocket,
-        in_sample_rate=config.audio.in_sample_rate,
-        out_sample_rate=config.audio.out_sample_rate,
-        session_timeout_s=config.server.session_timeout_s,
-        max_message_bytes=config.server.max_message_bytes,
-        allowed_origins=config.server.allowed_origins,
-    )
+    try:
+        transport = create_websocket_transport(
+            websocket,
+            in_sample_rate=config.audio.in_sample_rate,
+            out_sample_rate=config.audio.out_sample_rate,
+            session_timeout_s=config.server.session_timeout_s,
+            max_message_bytes=config.server.max_message_bytes,
+            allowed_origins=config.server.allowed_origins,
+        )
+    except ValueError as e:  # an origin not in server.allowed_origins
+        await websocket.send_json({"type": "error", "message": str(e)})
+        await websocket.close(code=1008)
+        return
     tracer = LatencyTracer(
         session_id=session_id,
         vad_stop_secs=config.vad.stop_secs,
         log_dir=config.tracing.dir,
         on_turn=state.record_turn,
     )
-    session = build_pipeline(config=config, transport=transport, models=state.models, observers=[tracer])
+    session = build_pipeline(
+        config=config,
+        transport=transport,
+        models=state.models,
+        observers=[tracer, ClientEventsObserver(output=transport.output())],
+    )
 
     @transport.event_handler("on_client_connected")
     async def on_connected(transport, client):
@@ -184,3 +201,20 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
         state.active_sessions -= 1
         state.metrics.sessions.dec()
         logger.info(f"[{session_id}] session ended ({state.active_sessions} active)")
+
+
+def create_server(config: Config, *, host: str, port: int, models: Models | None = None) -> uvicorn.Server:
+    """A uvicorn server for the app (port 0 picks a free one).
+
+    WebSocket messages up to twice ``server.max_message_bytes`` reach the app, so an
+    oversized one gets an error message rather than a dropped connection.
+    """
+    return uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, models=models),
+            host=host,
+            port=port,
+            log_level="warning",
+            ws_max_size=config.server.max_message_bytes * 2,
+        )
+    )

@@ -3,11 +3,13 @@
 Wire protocol (one connection = one conversation):
 
 - client -> server, binary: 16-bit little-endian mono PCM at the declared rate
-  (default the pipeline's input rate).
+  (default the pipeline's input rate), whole samples in each message.
 - client -> server, text: ``{"type": "start", "sample_rate": 48000}`` declares the
   microphone rate (resampled server-side with soxr); ``{"type": "ping"}``.
 - server -> client, binary: 16-bit mono PCM at the pipeline's output rate.
-- server -> client, text: ``{"type": "transcript" | "bot_text", "text": ...}``,
+- server -> client, text: ``{"type": "ready", "session_id": ..., "sample_rate_in": ...,
+  "sample_rate_out": ...}`` (first), ``{"type": "transcript", "text": ...}`` (what the user
+  said, per turn), ``{"type": "bot_text", "text": ...}`` (each word as its audio is sent),
   ``{"type": "interrupt"}`` (flush playback now), ``{"type": "error", "message": ...}``,
   ``{"type": "pong"}``.
 
@@ -33,11 +35,14 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSTextFrame,
 )
-from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
+from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 
-SUPPORTED_INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+# A browser sends at its AudioContext rate: the output device's rate unless told otherwise.
+SUPPORTED_INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
 
 
 def error_frame(message: str) -> OutputTransportMessageUrgentFrame:
@@ -59,7 +64,6 @@ class PCMJSONSerializer(FrameSerializer):
         self._max_bytes = max_message_bytes
         self._pipeline_rate = 16000
         self._resampler: soxr.ResampleStream | None = None
-        self._pending = b""
 
     async def setup(self, setup: FrameProcessorSetup):
         self._pipeline_rate = setup.audio_in_sample_rate or self._pipeline_rate
@@ -69,10 +73,6 @@ class PCMJSONSerializer(FrameSerializer):
             return frame.audio
         if isinstance(frame, InterruptionFrame):
             return json.dumps({"type": "interrupt"})
-        if isinstance(frame, TranscriptionFrame):
-            return json.dumps({"type": "transcript", "text": frame.text})
-        if isinstance(frame, TTSTextFrame):
-            return json.dumps({"type": "bot_text", "text": frame.text})
         if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
             if self.should_ignore_frame(frame):
                 return None
@@ -105,15 +105,45 @@ class PCMJSONSerializer(FrameSerializer):
         return error_frame(f"unknown message type {kind!r}")
 
     def _audio(self, data: bytes) -> Frame | None:
-        data, self._pending = self._pending + data, b""
         if len(data) % 2:
-            # A sample split across messages: keep the odd byte for the next one.
-            data, self._pending = data[:-1], data[-1:]
+            # Dropped whole: playing it would shift every later sample by a byte.
+            return error_frame(f"audio messages must hold whole 16-bit samples, got {len(data)} bytes")
         if self._resampler is not None:
             data = self._resampler.resample_chunk(np.frombuffer(data, dtype=np.int16)).tobytes()
         if not data:
             return None
         return InputAudioRawFrame(audio=data, sample_rate=self._pipeline_rate, num_channels=1)
+
+
+class ClientEventsObserver(BaseObserver):
+    """Sends the client what the user said and what the bot says.
+
+    The FastAPI output transport only serializes audio, interruptions and transport
+    messages, and the user aggregator consumes transcriptions, so the serializer
+    never sees these frames: they are turned into transport messages here.
+    """
+
+    def __init__(self, *, output: BaseOutputTransport):
+        """Initialize the observer.
+
+        Args:
+            output: The session's output transport; the messages go out through it.
+        """
+        super().__init__()
+        self._output = output
+
+    async def on_push_frame(self, data: FramePushed):
+        frame = data.frame
+        if isinstance(frame, TranscriptionFrame) and data.direction == FrameDirection.DOWNSTREAM:
+            if not data.first_push or not frame.text.strip():
+                return
+            message = {"type": "transcript", "text": frame.text.strip()}
+        elif isinstance(frame, TTSTextFrame) and data.source is self._output:
+            # The output transport passes each word on as its audio is sent: what was heard.
+            message = {"type": "bot_text", "text": frame.text}
+        else:
+            return
+        await self._output.queue_frame(OutputTransportMessageUrgentFrame(message=message))
 
 
 def create_websocket_transport(

@@ -1,0 +1,35 @@
+"""The real server on loopback, for tests that talk to it over the network."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bot.config import Config
+from bot.models import Models
+from bot.server import create_server
+
+
+@contextmanager
+def serve(config: Config, *, models: Models | None) -> Iterator[str]:
+    """Run ``voxbot serve``'s server on a free 127.0.0.1 port; yields "127.0.0.1:PORT".
+
+    It runs in its own thread and event loop, as it would in its own process: a
+    slow test client cannot stall it, nor it the client.
+    """
+    server = create_server(config, host="127.0.0.1", port=0, models=models)
+    thread = threading.Thread(target=server.run, name="voxbot-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

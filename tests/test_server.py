@@ -1,0 +1,223 @@
+"""The server over real sockets: HTTP endpoints, a spoken conversation on /ws, and bad clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import silence
+from tests.live_server import serve
+
+QUESTION = "What is the capital of France?"
+# A browser's AudioContext usually runs at 48 kHz: the server resamples to 16 kHz.
+RATE = 48000
+FRAME_SECS = 0.02
+# Generous: two shared CPU cores may be busy with other work.
+TIMEOUT = 90
+
+
+def normalize(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def loud(audio: bytes) -> bool:
+    """Whether 16-bit PCM holds more than silence (about -30 dBFS peaks)."""
+    return len(audio) > 0 and int(np.abs(np.frombuffer(audio, dtype=np.int16).astype(np.int32)).max()) > 1000
+
+
+class Client:
+    """A scripted browser tab: streams PCM in real time and keeps what the bot sends."""
+
+    def __init__(self, ws: ClientConnection):
+        self.ws = ws
+        self.events: list[dict] = []
+        self.audio = bytearray()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self):
+        try:
+            async for message in self.ws:
+                if isinstance(message, bytes):
+                    self.audio += message
+                else:
+                    self.events.append(json.loads(message))
+        except ConnectionClosed:
+            pass  # closed without a handshake: what was received is kept
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+    async def until(self, check: Callable[[], object], what: str, *, timeout: float = TIMEOUT):
+        try:
+            async with asyncio.timeout(timeout):
+                while not check():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            pytest.fail(f"no {what} within {timeout} s; events: {self.events}")
+
+    async def stream(self, audio: np.ndarray, *, rate: int = RATE):
+        """Send int16 audio in 20 ms messages at real-time pace, as a microphone would."""
+        loop = asyncio.get_running_loop()
+        step = int(rate * FRAME_SECS)
+        start = loop.time()
+        for i in range(0, len(audio), step):
+            await self.ws.send(audio[i : i + step].tobytes())
+            await asyncio.sleep(max(0.0, start + (i + step) / rate - loop.time()))
+
+    async def ask(self, question: np.ndarray):
+        """Speak; return once the bot has heard the question and is answering aloud."""
+        await self.stream(question)
+        await self.until(
+            lambda: self.of_type("transcript") and self.of_type("bot_text") and loud(self.audio),
+            "transcript, bot text and bot audio",
+        )
+        assert normalize(self.of_type("transcript")[0]["text"]) == normalize(QUESTION)
+
+
+@asynccontextmanager
+async def session(host: str, **connect_args) -> AsyncIterator[Client]:
+    """A client that has declared its rate and got the server's ready message."""
+    async with connect(f"ws://{host}/ws", **connect_args) as ws:
+        client = Client(ws)
+        await ws.send(json.dumps({"type": "start", "sample_rate": RATE}))
+        await client.until(lambda: client.of_type("ready"), "ready message")
+        yield client
+
+
+async def wait_for_status(host: str, check: Callable[[dict], object], what: str) -> dict:
+    """Poll /status until ``check`` passes: sessions end and turns land asynchronously."""
+    async with httpx.AsyncClient(base_url=f"http://{host}") as http:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                status = (await http.get("/status")).json()
+                if check(status):
+                    return status
+                await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(base_config, models):
+    with serve(base_config, models=models) as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def question(speaker) -> np.ndarray:
+    """The user asking, as a browser microphone sends it: at 48 kHz, with room around it."""
+    return np.concatenate(
+        [silence(0.3, sample_rate=RATE), speaker(QUESTION, sample_rate=RATE), silence(1.5, sample_rate=RATE)]
+    )
+
+
+async def test_health_ready_and_page(server):
+    async with httpx.AsyncClient(base_url=f"http://{server}") as http:
+        assert (await http.get("/health")).status_code == 200
+        ready = await http.get("/ready")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        page = await http.get("/")
+        assert page.status_code == 200 and "static/app.js" in page.text
+        for asset in ("app.js", "mic-worklet.js", "style.css"):
+            assert (await http.get(f"/static/{asset}")).status_code == 200, asset
+
+
+async def test_ready_is_503_with_the_error_when_models_fail_to_load(base_config, tmp_path):
+    config = base_config.model_copy(deep=True)
+    config.stt.whisper.model_path = tmp_path / "no-such-whisper"
+    with serve(config, models=None) as host:
+        async with httpx.AsyncClient(base_url=f"http://{host}") as http:
+            async with asyncio.timeout(TIMEOUT):
+                while (ready := await http.get("/ready")).json()["error"] is None:
+                    assert ready.status_code == 503
+                    await asyncio.sleep(0.1)
+        assert ready.status_code == 503
+        assert "no-such-whisper" in ready.json()["error"]
+        async with connect(f"ws://{host}/ws") as ws:
+            refusal = json.loads(await ws.recv())
+        assert refusal["type"] == "error" and "no-such-whisper" in refusal["message"]
+
+
+async def test_spoken_question_gets_a_spoken_answer_and_a_trace(server, question):
+    async with session(server) as client:
+        await client.ask(question)
+        session_id = client.of_type("ready")[0]["session_id"]
+
+    # The turn closes when the session does; then /status and /metrics show it.
+    status = await wait_for_status(
+        server, lambda s: any(t["session_id"] == session_id for t in s["recent_turns"]), "the turn"
+    )
+    turn = next(t for t in status["recent_turns"] if t["session_id"] == session_id)
+    assert normalize(turn["user_text"]) == normalize(QUESTION)
+    assert turn["voice_to_voice_ms"] > 0
+    async with httpx.AsyncClient(base_url=f"http://{server}") as http:
+        metrics = (await http.get("/metrics")).text
+    turns = next(f for f in text_string_to_metric_families(metrics) if f.name == "voxbot_turns")
+    assert sum(s.value for s in turns.samples if s.name == "voxbot_turns_total") >= 1
+
+
+async def test_bad_input_gets_an_error_and_the_session_goes_on(server, question, base_config):
+    limit = base_config.server.max_message_bytes
+    bad = [
+        ("{not json", "JSON"),
+        (json.dumps({"type": "dance"}), "dance"),
+        (json.dumps({"type": "start", "sample_rate": 12345}), "12345"),
+        (bytes(limit + 2), "limit"),
+        (bytes(641), "whole 16-bit samples"),
+    ]
+    async with session(server) as client:
+        for message, complaint in bad:
+            errors = len(client.of_type("error"))
+            await client.ws.send(message)
+            await client.until(lambda: len(client.of_type("error")) > errors, f"error about {complaint!r}")
+            assert complaint in client.of_type("error")[-1]["message"]
+
+        async with session(server) as other:
+            await other.ws.send(json.dumps({"type": "ping"}))
+            await other.until(lambda: other.of_type("pong"), "pong for another client")
+
+        await client.ask(question)
+
+
+async def test_a_client_that_vanishes_mid_answer_does_not_hurt_the_server(server, question):
+    async with session(server) as client:
+        await client.stream(question)
+        await client.until(lambda: loud(client.audio), "bot audio")
+        # No close handshake: the tab crashed or the network went away.
+        client.ws.transport.abort()
+
+    await wait_for_status(server, lambda s: s["active_sessions"] == 0, "the session to end")
+    async with session(server) as client:
+        await client.ws.send(json.dumps({"type": "ping"}))
+        await client.until(lambda: client.of_type("pong"), "pong")
+
+
+async def test_refusals_full_server_and_foreign_origin(base_config, models):
+    config = base_config.model_copy(deep=True)
+    config.server.max_sessions = 1
+    config.server.allowed_origins = ["http://voxbot.test"]
+    with serve(config, models=models) as host:
+        async with connect(f"ws://{host}/ws", origin="http://elsewhere.test") as ws:
+            refusal = json.loads(await ws.recv())
+            await ws.wait_closed()
+        assert refusal["type"] == "error" and "origin" in refusal["message"]
+        assert ws.close_code == 1008
+
+        async with session(host, origin="http://voxbot.test"):
+            async with connect(f"ws://{host}/ws", origin="http://voxbot.test") as ws:
+                refusal = json.loads(await ws.recv())
+                await ws.wait_closed()
+            assert refusal["type"] == "error" and "full" in refusal["message"]
+            assert ws.close_code == 1013
+
+        # The place frees up when its holder leaves.
+        await wait_for_status(host, lambda s: s["active_sessions"] == 0, "the session to end")
+        async with session(host, origin="http://voxbot.test"):
+            pass
