@@ -109,7 +109,7 @@ class LLMConfig(_Section):
         "Never use lists, markdown or emojis."
     )
     max_tokens: int = Field(48, ge=1)
-    temperature: float = Field(0.2, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=2)
     llama_cpp: LlamaCppConfig = LlamaCppConfig()
     openai: OpenAIConfig = OpenAIConfig()
 
