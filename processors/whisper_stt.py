@@ -63,8 +63,9 @@ class WhisperSTTService(SegmentedSTTService):
     def can_generate_metrics(self) -> bool:
         return True
 
-    def _transcribe(self, samples: np.ndarray) -> str:
-        segments, _ = self._model.transcribe(
+    def _transcribe(self, samples: np.ndarray) -> tuple[str, str | None]:
+        """The kept text and the language Whisper used (detected when none is set)."""
+        segments, info = self._model.transcribe(
             samples,
             language=self._language,
             beam_size=self._beam_size,
@@ -72,9 +73,10 @@ class WhisperSTTService(SegmentedSTTService):
             without_timestamps=True,
             vad_filter=False,
         )
-        return " ".join(
+        text = " ".join(
             s.text.strip() for s in segments if s.no_speech_prob < self._no_speech_prob
         ).strip()
+        return text, self._language or info.language
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Transcribe one user turn in a worker thread."""
@@ -83,7 +85,7 @@ class WhisperSTTService(SegmentedSTTService):
             samples = pcm16_to_float(
                 audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE
             )
-            text = await asyncio.to_thread(self._transcribe, samples)
+            text, language = await asyncio.to_thread(self._transcribe, samples)
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Whisper STT failed: {e}")
@@ -92,4 +94,4 @@ class WhisperSTTService(SegmentedSTTService):
             await self.stop_processing_metrics()
         logger.debug(f"{self}: transcript [{text}]")
         if text:
-            yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), self._language)
+            yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), language)
