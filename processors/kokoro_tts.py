@@ -104,9 +104,6 @@ class KokoroTTSService(TTSService):
             push_start_frame=True,
             push_stop_frames=True,
             push_text_frames=False,
-            # Under load a long sentence can take over pipecat's default 3 s to
-            # synthesize; the context must not be closed while it is on its way.
-            stop_frame_timeout_s=10.0,
             settings=TTSSettings(model="kokoro-82m", voice=voice, language=lang),
             **kwargs,
         )
@@ -142,6 +139,23 @@ class KokoroTTSService(TTSService):
         )
         return np.asarray(audio, dtype=np.float32), timings
 
+    async def _synthesize_keeping_context_alive(self, text: str, context_id: str) -> tuple[np.ndarray, list]:
+        """Synthesize in a worker thread, telling pipecat meanwhile that the context is in use.
+
+        pipecat ends an audio context that gets no audio for ``stop_frame_timeout_s``
+        (3 s) and reports it as "completed with no audio"; a long sentence, or a CPU
+        shared by several sessions, takes longer than that to synthesize.
+        """
+        task = asyncio.ensure_future(asyncio.to_thread(self._synthesize, text))
+        interval = max(0.05, self._stop_frame_timeout_s / 3)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=interval)
+                self._refresh_audio_context(context_id)
+            return task.result()
+        finally:
+            task.cancel()  # on an interruption: the thread finishes, its result is dropped
+
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         """Synthesize one sentence off the event loop and stream it in 40 ms chunks."""
         text = text.strip()
@@ -151,7 +165,7 @@ class KokoroTTSService(TTSService):
             self._recent_speech.add(text)
         try:
             await self.start_tts_usage_metrics(text)
-            audio, timings = await asyncio.to_thread(self._synthesize, text)
+            audio, timings = await self._synthesize_keeping_context_alive(text, context_id)
         except Exception as e:
             logger.exception(f"{self}: synthesis failed for {text!r}")
             yield ErrorFrame(error=f"Kokoro TTS failed: {e}")

@@ -22,7 +22,19 @@ from pipecat.services.settings import LLMSettings
 SENTENCE_ENDS = (".", "!", "?")
 # Past max_tokens a reply may run this many more tokens to reach a sentence end.
 _GRACE_TOKENS = 24
+# How often a reply waiting for the shared model checks whether it was cancelled.
+_LOCK_POLL_SECS = 0.02
 _DONE = object()
+
+
+def _ends_sentence(text: str, next_token: str) -> bool:
+    """Whether ``text`` ends a sentence, judged by the token that follows it.
+
+    A mark only ends a sentence when whitespace follows: "3." before "14" does not.
+    """
+    return text.rstrip().endswith(SENTENCE_ENDS) and (
+        text[-1:].isspace() or next_token[:1].isspace()
+    )
 
 
 class LlamaCppLLMService(LLMService):
@@ -111,7 +123,14 @@ class LlamaCppLLMService(LLMService):
 
         def generate():
             try:
-                with self._lock:
+                # Another session may hold the model for seconds: a reply cancelled
+                # meanwhile gives up waiting instead of running once the model is free.
+                while not self._lock.acquire(timeout=_LOCK_POLL_SECS):
+                    if stop.is_set():
+                        return
+                try:
+                    if stop.is_set():
+                        return
                     stream = self._llm.create_chat_completion(
                         messages=messages,
                         max_tokens=self._max_tokens + _GRACE_TOKENS,
@@ -124,6 +143,8 @@ class LlamaCppLLMService(LLMService):
                         token = chunk["choices"][0]["delta"].get("content")
                         if token:
                             loop.call_soon_threadsafe(queue.put_nowait, token)
+                finally:
+                    self._lock.release()
             except BaseException as e:  # handed to the event loop, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, e)
             finally:
@@ -138,11 +159,11 @@ class LlamaCppLLMService(LLMService):
                     raise item
                 if tokens == 0:
                     await self.stop_ttfb_metrics()
+                if tokens >= self._max_tokens and _ends_sentence(text, item):
+                    break
                 tokens += 1
                 text += item
                 await self._push_llm_text(item)
-                if tokens >= self._max_tokens and text.rstrip().endswith(SENTENCE_ENDS):
-                    break
             if text.strip() and not text.rstrip().endswith(SENTENCE_ENDS):
                 await self._push_llm_text(".")
         finally:

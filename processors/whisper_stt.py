@@ -112,10 +112,11 @@ class WhisperSTTService(SegmentedSTTService):
     def can_generate_metrics(self) -> bool:
         return True
 
-    def _transcribe(self, samples: np.ndarray) -> str:
+    def _transcribe(self, samples: np.ndarray) -> tuple[str, str | None]:
+        """The kept text and the language Whisper used (detected when none is set)."""
         if self._fit_window and self._language and len(samples) < _FIT_MAX_SECS * WHISPER_SAMPLE_RATE:
-            return self._transcribe_fitted(samples)
-        segments, _ = self._model.transcribe(
+            return self._transcribe_fitted(samples), self._language
+        segments, info = self._model.transcribe(
             samples,
             language=self._language,
             beam_size=self._beam_size,
@@ -123,9 +124,10 @@ class WhisperSTTService(SegmentedSTTService):
             without_timestamps=True,
             vad_filter=False,
         )
-        return " ".join(
+        text = " ".join(
             s.text.strip() for s in segments if s.no_speech_prob < self._no_speech_prob
         ).strip()
+        return text, self._language or info.language
 
     def _transcribe_fitted(self, samples: np.ndarray) -> str:
         padded = np.concatenate([samples, np.zeros(int(_FIT_PAD_SECS * WHISPER_SAMPLE_RATE), np.float32)])
@@ -175,10 +177,10 @@ class WhisperSTTService(SegmentedSTTService):
 
     async def _interim(self, audio: bytes):
         samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
-        text = await asyncio.to_thread(self._transcribe, samples)
+        text, language = await asyncio.to_thread(self._transcribe, samples)
         if text and self._user_speaking:
             await self.push_frame(
-                InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), self._language)
+                InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), language)
             )
 
     async def cleanup(self):
@@ -194,7 +196,7 @@ class WhisperSTTService(SegmentedSTTService):
             samples = pcm16_to_float(
                 audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE
             )
-            text = await asyncio.to_thread(self._transcribe, samples)
+            text, language = await asyncio.to_thread(self._transcribe, samples)
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Whisper STT failed: {e}")
@@ -203,4 +205,4 @@ class WhisperSTTService(SegmentedSTTService):
             await self.stop_processing_metrics()
         logger.debug(f"{self}: transcript [{text}]")
         if text:
-            yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), self._language)
+            yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), language)

@@ -1,0 +1,214 @@
+"""LlamaCppLLMService on the real SmolLM2 GGUF: streaming, sentence-bounded replies, barge-in."""
+
+import asyncio
+import time
+
+from pipecat.frames.frames import (
+    EndFrame,
+    ErrorFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.tests.utils import run_test
+from pipecat.workers.runner import WorkerRunner
+
+from processors.responder import _GRACE_TOKENS, SENTENCE_ENDS, LlamaCppLLMService
+
+STORYTELLER = "You are a storyteller. Tell long, detailed stories with many characters."
+
+
+def _context(question: str) -> LLMContext:
+    return LLMContext(messages=[{"role": "user", "content": question}])
+
+
+def _service(models, *, system_prompt: str, max_tokens: int, llm=None) -> LlamaCppLLMService:
+    # temperature 0: greedy decoding, so a reply is reproducible across runs.
+    return LlamaCppLLMService(
+        llm=llm or models.llm,
+        lock=models.llm_lock,
+        system_prompt=system_prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+    )
+
+
+async def _reply(service, question: str) -> tuple[str, list]:
+    down, up = await run_test(service, frames_to_send=[LLMContextFrame(context=_context(question))])
+    errors = [f for f in [*down, *up] if isinstance(f, ErrorFrame)]
+    assert not errors, [f.error for f in errors]
+    return "".join(f.text for f in down if isinstance(f, LLMTextFrame)), down
+
+
+class CountingLlama:
+    """The real model, with every token it generates counted and timed (a spy, not a fake)."""
+
+    def __init__(self, llm):
+        self._llm = llm
+        self.calls = 0
+        self.token_times: list[float] = []
+
+    def create_chat_completion(self, **kwargs):
+        self.calls += 1
+        for chunk in self._llm.create_chat_completion(**kwargs):
+            self.token_times.append(time.monotonic())
+            yield chunk
+
+
+class Recorder(FrameProcessor):
+    """Keeps every downstream frame with its arrival time, and the lock's state at the interruption."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self._lock = lock
+        self.frames: list[tuple[float, object]] = []
+        self.first_text = asyncio.Event()
+        self.interrupted = asyncio.Event()
+        self.lock_held_at_interruption: bool | None = None
+
+    async def process_frame(self, frame, direction):
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            self.frames.append((time.monotonic(), frame))
+            if isinstance(frame, LLMTextFrame):
+                self.first_text.set()
+            if isinstance(frame, InterruptionFrame):
+                self.lock_held_at_interruption = self._lock.locked()
+                self.interrupted.set()
+        await self.push_frame(frame, direction)
+
+    def after_interruption(self) -> list:
+        kinds = [f for _, f in self.frames]
+        i = next(i for i, f in enumerate(kinds) if isinstance(f, InterruptionFrame))
+        return kinds[i + 1 :]
+
+
+async def _started(service, lock) -> tuple[PipelineWorker, Recorder, asyncio.Task]:
+    recorder = Recorder(lock)
+    worker = PipelineWorker(Pipeline([service, recorder]), cancel_on_idle_timeout=False, enable_rtvi=False)
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _on_started(worker, frame):
+        started.set()
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.create_task(runner.run())
+    await asyncio.wait_for(started.wait(), 5)
+    return worker, recorder, run
+
+
+async def _lock_free_within(lock, seconds: float) -> float | None:
+    """Seconds until ``lock`` could be taken (then released again), or None."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if lock.acquire(blocking=False):
+            lock.release()
+            return time.monotonic() - start
+        await asyncio.sleep(0.002)
+    return None
+
+
+async def test_reply_streams_between_start_and_end_frames(base_config, models):
+    """A user message becomes Start, tokens, End; the answer is complete and on topic."""
+    service = _service(models, system_prompt=base_config.llm.system_prompt, max_tokens=48)
+
+    text, down = await _reply(service, "What is the capital of France?")
+
+    kinds = [type(f) for f in down if isinstance(f, (LLMFullResponseStartFrame, LLMTextFrame, LLMFullResponseEndFrame))]
+    assert kinds[0] is LLMFullResponseStartFrame and kinds[-1] is LLMFullResponseEndFrame, kinds
+    assert kinds.count(LLMFullResponseStartFrame) == kinds.count(LLMFullResponseEndFrame) == 1
+    assert kinds.count(LLMTextFrame) >= 2, "the reply must stream token by token"
+    assert "paris" in text.lower(), text
+    assert text.rstrip().endswith(SENTENCE_ENDS), text
+    assert not models.llm_lock.locked()
+
+
+async def test_capped_reply_is_short_and_ends_at_a_real_sentence_boundary(base_config, models):
+    """max_tokens=5 cuts at the first sentence end past the cap, never inside "3.14"."""
+    question = "What is pi to two decimal places?"
+    full, _ = await _reply(
+        _service(models, system_prompt=base_config.llm.system_prompt, max_tokens=200), question
+    )
+    capped, down = await _reply(
+        _service(models, system_prompt=base_config.llm.system_prompt, max_tokens=5), question
+    )
+
+    tokens = sum(isinstance(f, LLMTextFrame) for f in down)
+    assert 0 < tokens <= 5 + _GRACE_TOKENS + 1, (tokens, capped)
+    assert capped.rstrip().endswith(SENTENCE_ENDS), capped
+    # Greedy decoding: the capped reply is the uncapped one, stopped where a sentence ends,
+    # i.e. its final mark is followed by a space or by nothing.
+    assert full.startswith(capped), (capped, full)
+    rest = full[len(capped) :]
+    assert rest == "" or rest[0].isspace(), f"cut inside a sentence: {capped!r} | {rest!r}"
+
+
+async def test_interruption_stops_the_generating_thread_at_the_next_token(models):
+    """Barge-in: no CPU keeps burning on a dead reply, and the model is free for the next turn."""
+    spy = CountingLlama(models.llm)
+    service = _service(models, system_prompt=STORYTELLER, max_tokens=400, llm=spy)
+    worker, recorder, run = await _started(service, models.llm_lock)
+    try:
+        await worker.queue_frame(LLMContextFrame(context=_context("Tell me a long story about a dragon and a knight.")))
+        await asyncio.wait_for(recorder.first_text.wait(), 20)
+        await asyncio.sleep(0.2)
+        # Mid-generation: the reply has hundreds of tokens to go.
+        assert models.llm_lock.locked()
+        assert len(spy.token_times) < 300
+
+        interrupted_at = time.monotonic()
+        await worker.queue_frame(InterruptionFrame())
+        freed_after = await _lock_free_within(models.llm_lock, 5.0)
+        await asyncio.wait_for(recorder.interrupted.wait(), 5)
+        passed_at = next(t for t, f in recorder.frames if isinstance(f, InterruptionFrame))
+        await asyncio.sleep(0.3)
+    finally:
+        await worker.queue_frame(EndFrame())
+        await asyncio.wait_for(run, 10)
+
+    # The interruption leaves the service only once the thread has stopped...
+    assert recorder.lock_held_at_interruption is False
+    assert [t for t in spy.token_times if t > passed_at] == []
+    assert not [f for f in recorder.after_interruption() if isinstance(f, LLMTextFrame)]
+    # ...and that happens at the thread's next token (about 10 ms), well within half a second.
+    assert freed_after is not None and freed_after < 0.5, freed_after
+    assert passed_at - interrupted_at < 0.5, passed_at - interrupted_at
+    print(f"lock free {freed_after * 1000:.0f} ms, interruption through {(passed_at - interrupted_at) * 1000:.0f} ms")
+
+
+async def test_interruption_while_waiting_for_the_shared_model_is_immediate(models):
+    """Another session holds the model: a barge-in must not wait for that session's reply."""
+    spy = CountingLlama(models.llm)
+    service = _service(models, system_prompt=STORYTELLER, max_tokens=48, llm=spy)
+    worker, recorder, run = await _started(service, models.llm_lock)
+    models.llm_lock.acquire()  # another session is generating
+    held = True
+    try:
+        await worker.queue_frame(LLMContextFrame(context=_context("Tell me a story.")))
+        await asyncio.sleep(0.2)
+        interrupted_at = time.monotonic()
+        await worker.queue_frame(InterruptionFrame())
+        await asyncio.wait_for(recorder.interrupted.wait(), 5)
+        passed_after = time.monotonic() - interrupted_at
+
+        models.llm_lock.release()  # the other session finishes
+        held = False
+        await asyncio.sleep(0.3)
+        calls_after_release = spy.calls
+    finally:
+        if held:
+            models.llm_lock.release()
+        await worker.queue_frame(EndFrame())
+        await asyncio.wait_for(run, 10)
+
+    assert passed_after < 0.5, passed_after
+    assert calls_after_release == 0, "the cancelled reply still ran once the model was free"
+    assert not models.llm_lock.locked()
