@@ -56,6 +56,7 @@ class TurnsConfig(_Section):
     interruptions: bool = True
     barge_in: Literal["words", "vad"] = "words"
     barge_in_min_words: int = Field(1, ge=1)
+    barge_in_min_secs: float = Field(0.6, ge=0)
 
 
 class WhisperConfig(_Section):

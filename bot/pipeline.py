@@ -121,6 +121,8 @@ def build_turn_strategies(config: Config, *, recent_bot_speech: RecentBotSpeech)
             BargeInUserTurnStartStrategy(
                 recent_bot_speech=recent_bot_speech,
                 min_words=turns.barge_in_min_words,
+                min_secs=turns.barge_in_min_secs,
+                vad_start_secs=config.vad.start_secs,
                 enable_interruptions=turns.interruptions,
             )
         ]

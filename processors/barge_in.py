@@ -5,7 +5,9 @@ stops speaking. While it is free, speech starts a user turn at once (as
 pipecat's VAD strategy does). While the bot holds it, the user's interim words
 decide: a backchannel ("mhm", "okay"), a noise or breath that yields no words,
 or the bot's own voice coming back through an open microphone (its words match
-what the bot just said) leave the bot alone; any other word is a barge-in.
+what the bot just said) leave the bot alone. Other words are a barge-in once the
+user has spoken for ``min_secs``: Whisper tiny hears a hummed "mhm" as words
+("I made"), but a backchannel is short.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipecat.frames.frames import (
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
 )
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
@@ -63,23 +66,30 @@ class Floor:
     """Who holds the conversational floor, read from the turn frames both ways."""
 
     def __init__(self):
-        self.bot_has_it = False
+        self.bot_has_it = False  # thinking or speaking
+        self.bot_speaking = False
 
     def update(self, frame: Frame) -> None:
-        if isinstance(frame, (UserStoppedSpeakingFrame, BotStartedSpeakingFrame)):
-            self.bot_has_it = True  # the bot is thinking, then speaking
+        if isinstance(frame, UserStoppedSpeakingFrame):
+            self.bot_has_it = True
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self.bot_has_it = self.bot_speaking = True
         elif isinstance(frame, (UserStartedSpeakingFrame, BotStoppedSpeakingFrame)):
-            self.bot_has_it = False
+            self.bot_has_it = self.bot_speaking = False
 
 
 def floor_words(text: str, *, bot_words: set[str], backchannels: frozenset[str] = BACKCHANNELS) -> list[str]:
-    """The words that claim the floor: neither backchannel nor an echo of the bot."""
+    """The words that claim the floor: none when it is a backchannel or the bot's own echo.
+
+    An echo is heard imperfectly ("brave" as "brain"), so a transcript counts as
+    echo when most of its words sound like words the bot just said.
+    """
+    words = [w for w in words_of(text) if w not in backchannels]
     echo = list(bot_words)
-    return [
-        w
-        for w in words_of(text)
-        if w not in backchannels and not difflib.get_close_matches(w, echo, n=1, cutoff=0.75)
-    ]
+    heard_back = [w for w in words if difflib.get_close_matches(w, echo, n=1, cutoff=0.6)]
+    if words and len(heard_back) >= len(words) / 2:
+        return []
+    return words
 
 
 class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
@@ -90,6 +100,8 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         *,
         recent_bot_speech: RecentBotSpeech,
         min_words: int = 1,
+        min_secs: float = 0.6,
+        vad_start_secs: float = 0.2,
         backchannels: frozenset[str] = BACKCHANNELS,
         **kwargs,
     ):
@@ -98,6 +110,8 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         Args:
             recent_bot_speech: What the bot said lately, to recognize its echo.
             min_words: Floor-claiming words needed to interrupt the bot.
+            min_secs: Speech needed to interrupt the bot while it speaks, from its onset.
+            vad_start_secs: The VAD's start delay: speech began this long before it reports.
             backchannels: Words that acknowledge without taking the floor.
             **kwargs: Passed to ``BaseUserTurnStartStrategy``.
         """
@@ -105,8 +119,12 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._recent = recent_bot_speech
         self._min_words = min_words
         self._backchannels = backchannels
+        self._min_secs = min_secs
+        self._vad_start_secs = vad_start_secs
         self._floor = Floor()
         self._in_turn = False
+        self._speech_onset: float | None = None
+        self._last_speech_secs = 0.0
 
     async def handle_user_turn_started(self):
         await super().handle_user_turn_started()
@@ -121,16 +139,29 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
 
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
         self._floor.update(frame)
-        if isinstance(frame, VADUserStartedSpeakingFrame) and not self._floor.bot_has_it:
-            await self.trigger_user_turn_started()
-            return ProcessFrameResult.STOP
+        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._speech_onset is not None:
+            self._last_speech_secs = time.monotonic() - frame.stop_secs - self._speech_onset
+            self._speech_onset = None
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._speech_onset = time.monotonic() - self._vad_start_secs
+            if not self._floor.bot_has_it:
+                await self.trigger_user_turn_started()
+                return ProcessFrameResult.STOP
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and not self._in_turn:
             return await self._handle_words(frame)
         return ProcessFrameResult.CONTINUE
 
+    def _speech_secs(self) -> float:
+        """How long the user has been talking (or talked, once the VAD stopped)."""
+        if self._speech_onset is not None:
+            return time.monotonic() - self._speech_onset
+        return self._last_speech_secs
+
     async def _handle_words(self, frame: InterimTranscriptionFrame | TranscriptionFrame) -> ProcessFrameResult:
         claimed = floor_words(frame.text, bot_words=self._recent.words(), backchannels=self._backchannels)
-        if len(claimed) >= self._min_words:
+        # While the bot is only thinking, nothing it says can be drowned out: words decide.
+        long_enough = not self._floor.bot_speaking or self._speech_secs() >= self._min_secs
+        if len(claimed) >= self._min_words and long_enough:
             logger.debug(f"{self}: barge-in on {claimed} in {frame.text!r}")
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP

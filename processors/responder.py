@@ -37,6 +37,23 @@ def _ends_sentence(text: str, next_token: str) -> bool:
     )
 
 
+def merge_consecutive_turns(messages: list[dict]) -> list[dict]:
+    """Join back-to-back messages of one role into one.
+
+    A user who pauses mid-sentence and goes on before the bot answered leaves two
+    user messages; the model should read them as the one sentence they are (and
+    chat templates expect the roles to alternate).
+    """
+    merged: list[dict] = []
+    for message in messages:
+        text = message.get("content")
+        if merged and merged[-1]["role"] == message["role"] and isinstance(text, str) and isinstance(merged[-1].get("content"), str):
+            merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']} {text}"}
+        else:
+            merged.append(dict(message))
+    return merged
+
+
 class LlamaCppLLMService(LLMService):
     """Streams a reply from a shared llama.cpp model, token by token, off the event loop.
 
@@ -113,7 +130,7 @@ class LlamaCppLLMService(LLMService):
         params = await self.get_llm_adapter().get_llm_invocation_params(
             context, system_instruction=self._system_prompt, convert_developer_to_user=True
         )
-        return list(params["messages"])
+        return merge_consecutive_turns(list(params["messages"]))
 
     async def _respond(self, context: LLMContext):
         messages = await self._messages(context)
