@@ -21,9 +21,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="A self-hoste
 ConfigOption = typer.Option(None, "--config", "-c", help="config.yaml (default ./config.yaml or $VOXBOT_CONFIG)")
 
 
-def _config(path: Path | None, *, log_level: str = "INFO") -> Config:
+def _log_to_stderr(level: str) -> None:
     logger.remove()
-    logger.add(sys.stderr, level=log_level)
+    logger.add(sys.stderr, level=level)
+
+
+def _config(path: Path | None, *, log_level: str = "INFO") -> Config:
+    _log_to_stderr(log_level)
     try:
         return load_config(path)
     except ConfigError as e:
@@ -134,6 +138,28 @@ def bench(
     if "ratio_p50" in summary:
         typer.echo(f"ours/stock p50 ratio: {summary['ratio_p50']}")
     typer.echo(f"peak RSS {summary['rss_mb']} MB, {summary['sessions']} session(s) at once")
+
+
+@app.command()
+def trace(
+    files: list[Path] = typer.Argument(..., help="Latency traces (<session>.jsonl, as written to tracing.dir)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="The PNG to write (default: the first file, .png)"),
+):
+    """Draw latency traces: a waterfall of every turn's stages and the latency per turn."""
+    _log_to_stderr("WARNING")
+    from bot.waterfall import TraceFileError, load_traces, render
+
+    try:
+        sessions = load_traces(files)
+    except TraceFileError as e:
+        typer.secho(f"voxbot trace: {e}", fg="red", err=True)
+        raise typer.Exit(2)
+    out = out or files[0].with_suffix(".png")
+    drawn = render(sessions=sessions, out=out)
+    figures = ""
+    if drawn["answered"]:
+        figures = f", p50 {drawn['p50_ms']:.0f} ms, p95 {drawn['p95_ms']:.0f} ms"
+    typer.echo(f"wrote {out}: {drawn['turns']} turns, {drawn['answered']} answered{figures}")
 
 
 if __name__ == "__main__":

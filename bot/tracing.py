@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
-    EndFrame,
     CancelFrame,
+    EndFrame,
+    InputAudioRawFrame,
     InterruptionFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
@@ -41,6 +45,13 @@ STAGES = {
     "output_ms": ("first_tts_audio_ms", "first_audio_out_ms"),
 }
 
+# Input audio whose peak stays under this (int16, about -50 dBFS) is silence.
+_SILENCE_PEAK = 100
+# A frame this many times louder than the quiet the VAD confirmed is still speech.
+_SPEECH_OVER_QUIET = 4.0
+# Input frame levels kept to find the speech end (a few seconds of audio).
+_LEVELS_KEPT = 200
+
 
 @dataclass
 class TurnTrace:
@@ -50,7 +61,8 @@ class TurnTrace:
     turn: int
     user_speech_start_ms: float | None = None
     vad_stop_ms: float | None = None
-    # Estimated true end of speech: the VAD reports stop_secs after it.
+    # True end of speech: the last loud input frame before the VAD stop (at most
+    # vad_stop_ms - stop_secs, which is all that is known when noise hides it).
     user_speech_end_ms: float | None = None
     transcript_ms: float | None = None
     generation_start_ms: float | None = None
@@ -102,13 +114,14 @@ class LatencyTracer(BaseObserver):
         session_id: str,
         vad_stop_secs: float,
         log_dir: Path | None = None,
-        on_turn=None,
+        on_turn: Callable[[TurnTrace], None] | None = None,
     ):
         """Initialize the tracer.
 
         Args:
             session_id: Names the JSONL file and every record.
-            vad_stop_secs: The VAD's stop delay, subtracted to estimate the true speech end.
+            vad_stop_secs: The VAD's stop delay: the speech ended at least this long
+                before the VAD says so.
             log_dir: Where ``<session_id>.jsonl`` is written; None keeps traces in memory only.
             on_turn: Optional callback receiving each finished :class:`TurnTrace`.
         """
@@ -123,6 +136,8 @@ class LatencyTracer(BaseObserver):
         self._current: TurnTrace | None = None
         self._speech_start_ms: float | None = None
         self._bot_speaking = False
+        # (push time in ms, peak level) of recent input audio frames.
+        self._levels: deque[tuple[float, int]] = deque(maxlen=_LEVELS_KEPT)
 
     @property
     def path(self) -> Path | None:
@@ -144,7 +159,11 @@ class LatencyTracer(BaseObserver):
         if not data.first_push or data.direction != FrameDirection.DOWNSTREAM:
             return
 
-        if isinstance(frame, VADUserStartedSpeakingFrame):
+        if isinstance(frame, InputAudioRawFrame):
+            samples = np.frombuffer(frame.audio, dtype=np.int16)
+            peak = max(int(samples.max()), -int(samples.min())) if samples.size else 0
+            self._levels.append((t, peak))
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_start_ms = t
         elif isinstance(frame, UserStartedSpeakingFrame):
             await self._open_turn(t)
@@ -160,7 +179,7 @@ class LatencyTracer(BaseObserver):
             return
         if isinstance(frame, VADUserStoppedSpeakingFrame) and turn.generation_start_ms is None:
             turn.vad_stop_ms = t
-            turn.user_speech_end_ms = round(t - self._vad_stop_secs * 1000, 1)
+            turn.user_speech_end_ms = round(self._speech_end_ms(vad_stop_ms=t), 1)
         elif isinstance(frame, TranscriptionFrame) and turn.generation_start_ms is None:
             turn.transcript_ms = t
             turn.user_text += " " + frame.text
@@ -181,6 +200,29 @@ class LatencyTracer(BaseObserver):
             if turn.first_audio_out_ms is not None:
                 turn.bot_end_ms = t
                 self._close_turn()
+
+    def _speech_end_ms(self, *, vad_stop_ms: float) -> float:
+        """When the user stopped speaking, judged on the audio the bot received.
+
+        ``vad_stop_ms - stop_secs`` is only a bound: the VAD's quiet count starts
+        at its first quiet window, which trails the speech by up to a window plus
+        the model's lag and any queueing (30-50 ms here), and that much latency
+        would go unseen. A live transport pushes a frame once its audio is
+        captured, so the last frame clearly louder than the quiet the VAD
+        confirmed ends the speech. Where noise hides it, the bound stands.
+        """
+        bound = vad_stop_ms - self._vad_stop_secs * 1000
+        quiet = [peak for t, peak in self._levels if t > bound]
+        if not quiet:
+            return bound
+        threshold = max(_SILENCE_PEAK, statistics.median(quiet) * _SPEECH_OVER_QUIET)
+        since = self._speech_start_ms if self._speech_start_ms is not None else bound
+        for t, peak in reversed(self._levels):
+            if t < since:
+                break
+            if peak > threshold:
+                return min(t, bound)
+        return bound
 
     async def _open_turn(self, t: float):
         if self._current is not None:

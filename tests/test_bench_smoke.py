@@ -1,0 +1,44 @@
+"""`voxbot bench --json` end to end, as a user runs it: the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args: str, tmp_path: Path, timeout: float) -> dict:
+    # `python -m` from the repository root: this checkout's bot, not an installed one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VOXBOT_TRACING__DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "bench", "-s", "qa_capital", "--json", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_bench_json_summary(tmp_path):
+    summary = _bench(tmp_path=tmp_path, timeout=300)
+
+    assert {"ours", "rss_mb", "sessions"} <= set(summary)
+    ours = summary["ours"]
+    assert {"p50_ms", "p95_ms", "turns"} <= set(ours)
+    assert ours["turns"] >= 1
+    assert 0 < ours["p50_ms"] <= ours["p95_ms"]
+    assert summary["rss_mb"] > 0
+    assert summary["sessions"] == 1
+    assert [Path(p).parent for p in summary["traces"]] == [tmp_path]
+
+
+def test_bench_json_with_the_stock_baseline(tmp_path):
+    """The stock pipecat bot on the same models (its llama.cpp server starts too): ~40 s here."""
+    summary = _bench("--baseline", "stock", tmp_path=tmp_path, timeout=400)
+
+    assert {"ours", "stock", "ratio_p50"} <= set(summary)
+    assert {"p50_ms", "p95_ms", "turns"} <= set(summary["stock"])
+    assert summary["stock"]["p50_ms"] > 0 and summary["ratio_p50"] > 0

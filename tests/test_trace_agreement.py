@@ -1,0 +1,52 @@
+"""The latency trace agrees with the latency measured on the audio of a real scripted run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from bot.conversation import run_conversation
+from bot.tracing import STAGES, TurnTrace
+from transports.scripted import Cue
+
+QUESTION = "What is the capital of France?"
+# Trace and audio agree to this: a 20 ms input frame, the first quiet samples of a reply.
+AGREEMENT_MS = 50
+EVENTS = [
+    "user_speech_start_ms",
+    "user_speech_end_ms",
+    "vad_stop_ms",
+    "transcript_ms",
+    "generation_start_ms",
+    "first_token_ms",
+    "tts_start_ms",
+    "first_tts_audio_ms",
+    "first_audio_out_ms",
+    "bot_end_ms",
+]
+
+
+async def test_trace_agrees_with_the_audio(base_config, models, speaker):
+    cues = [Cue(audio=speaker(QUESTION), text=QUESTION, at=0.5)]
+    result = await run_conversation(
+        config=base_config, models=models, cues=cues, session_id="agreement"
+    )
+
+    answered = [t for t in result.turns if t.bot_text]
+    assert len(answered) == 1, result.summary()
+    path = Path(result.trace_path)
+    assert path == Path(base_config.tracing.dir) / "agreement.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == len(answered)
+
+    for record, turn in zip(records, answered):
+        assert set(record) == {f.name for f in fields(TurnTrace)}
+        assert set(record["stages"]) == set(STAGES)
+        times = [record[name] for name in EVENTS]
+        assert None not in times and times == sorted(times), dict(zip(EVENTS, times))
+        assert record["voice_to_voice_ms"] == turn.trace_voice_to_voice_ms
+        assert turn.voice_to_voice_ms is not None
+        assert abs(turn.trace_voice_to_voice_ms - turn.voice_to_voice_ms) <= AGREEMENT_MS, (
+            f"trace {turn.trace_voice_to_voice_ms} ms vs audio {turn.voice_to_voice_ms} ms"
+        )
