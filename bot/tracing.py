@@ -188,13 +188,16 @@ class LatencyTracer(BaseObserver):
         elif isinstance(frame, LLMTextFrame) and turn.generation_start_ms is not None:
             turn.first_token_ms = turn.first_token_ms or t
             turn.generated_text += frame.text
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+            if turn.generation_start_ms is not None:
+                turn.first_audio_out_ms = turn.first_audio_out_ms or t
+        elif turn.generation_start_ms is None:
+            return  # the end of an earlier, cancelled reply: not this turn's
         elif isinstance(frame, TTSStartedFrame):
             turn.tts_start_ms = turn.tts_start_ms or t
         elif isinstance(frame, TTSAudioRawFrame):
             turn.first_tts_audio_ms = turn.first_tts_audio_ms or t
-        elif isinstance(frame, BotStartedSpeakingFrame):
-            self._bot_speaking = True
-            turn.first_audio_out_ms = turn.first_audio_out_ms or t
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking = False
             if turn.first_audio_out_ms is not None:

@@ -35,7 +35,14 @@ from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnS
 
 BACKCHANNELS = frozenset(
     "mhm mm mmm hmm hm uh huh uhhuh mhmm ok okay yeah yes yep yup right sure alright "
-    "aha ah oh i see got it cool nice wow great".split()
+    "aha ah oh cool nice wow great".split()
+)
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but of to in on at for with by from as is are was were be been it its "
+    "this that these those he she they we you i me my your his her their our us them there "
+    "what who how why when where which do does did so not no".split()
 )
 
 
@@ -78,17 +85,25 @@ class Floor:
             self.bot_has_it = self.bot_speaking = False
 
 
+def _said_by_bot(word: str, bot_words: set[str]) -> bool:
+    # Long words may come back slightly misheard ("dragon" as "dragons").
+    return word in bot_words or (
+        len(word) >= 5 and bool(difflib.get_close_matches(word, bot_words, n=1, cutoff=0.8))
+    )
+
+
 def floor_words(text: str, *, bot_words: set[str], backchannels: frozenset[str] = BACKCHANNELS) -> list[str]:
     """The words that claim the floor: none when it is a backchannel or the bot's own echo.
 
     An echo is heard imperfectly ("brave" as "brain"), so a transcript counts as
-    echo when most of its words sound like words the bot just said.
+    echo when at least half of its content words are words the bot just said.
+    Function words ("the", "is") are in every sentence and decide nothing.
     """
     words = [w for w in words_of(text) if w not in backchannels]
-    echo = list(bot_words)
-    heard_back = [w for w in words if difflib.get_close_matches(w, echo, n=1, cutoff=0.6)]
-    if words and len(heard_back) >= len(words) / 2:
-        return []
+    content = [w for w in words if w not in FUNCTION_WORDS]
+    heard_back = [w for w in content if _said_by_bot(w, bot_words)]
+    if not content or len(heard_back) >= len(content) / 2:
+        return [] if content or not words else words
     return words
 
 

@@ -178,6 +178,7 @@ class WhisperSTTService(SegmentedSTTService):
     async def _interim(self, audio: bytes):
         samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
         text, language = await asyncio.to_thread(self._transcribe, samples)
+        logger.debug(f"{self}: interim [{text}]")
         if text and self._user_speaking:
             await self.push_frame(
                 InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), language)
