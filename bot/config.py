@@ -57,6 +57,7 @@ class TurnsConfig(_Section):
     barge_in: Literal["words", "vad"] = "words"
     barge_in_min_words: int = Field(1, ge=1)
     barge_in_min_secs: float = Field(0.6, ge=0)
+    echo_gate: float = Field(0.5, ge=0, le=1)
 
 
 class WhisperConfig(_Section):

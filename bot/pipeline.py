@@ -29,7 +29,8 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bot.config import Config
 from bot.models import Models
-from processors.barge_in import BargeInUserTurnStartStrategy, RecentBotSpeech
+from processors.barge_in import BargeInUserTurnStartStrategy
+from processors.bot_voice import BotVoice, PlaybackMonitor
 from processors.kokoro_tts import KokoroTTSService
 from processors.responder import LlamaCppLLMService
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
@@ -44,11 +45,13 @@ class BotSession:
     context: LLMContext
 
 
-def build_stt(config: Config, models: Models) -> FrameProcessor:
+def build_stt(config: Config, models: Models, *, bot_voice: BotVoice) -> FrameProcessor:
     """The STT service for the engine chosen at load time."""
     if models.stt_engine == "whisper":
         return WhisperSTTService(
             model=models.whisper,
+            bot_voice=bot_voice,
+            echo_gate=config.turns.echo_gate,
             language=config.stt.language,
             beam_size=config.stt.whisper.beam_size,
             no_speech_prob=config.stt.whisper.no_speech_prob,
@@ -113,13 +116,13 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 
 
-def build_turn_strategies(config: Config, *, recent_bot_speech: RecentBotSpeech) -> UserTurnStrategies:
+def build_turn_strategies(config: Config, *, bot_voice: BotVoice) -> UserTurnStrategies:
     """When a user turn starts (and may interrupt the bot) and when it ends."""
     turns = config.turns
     if turns.barge_in == "words":
         start = [
             BargeInUserTurnStartStrategy(
-                recent_bot_speech=recent_bot_speech,
+                bot_voice=bot_voice,
                 min_words=turns.barge_in_min_words,
                 min_secs=turns.barge_in_min_secs,
                 vad_start_secs=config.vad.start_secs,
@@ -147,8 +150,8 @@ def build_pipeline(
 ) -> BotSession:
     """Assemble one session's pipeline around shared, already loaded models."""
     context = LLMContext()
-    # What the bot says, so its echo in the user's microphone is not a barge-in.
-    recent_bot_speech = RecentBotSpeech()
+    # What the bot says and plays, so its echo in the user's microphone is not a barge-in.
+    bot_voice = BotVoice()
     user, assistant = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(
@@ -160,7 +163,7 @@ def build_pipeline(
                     min_volume=config.vad.min_volume,
                 )
             ),
-            user_turn_strategies=build_turn_strategies(config, recent_bot_speech=recent_bot_speech),
+            user_turn_strategies=build_turn_strategies(config, bot_voice=bot_voice),
         ),
     )
     tts = KokoroTTSService(
@@ -170,16 +173,17 @@ def build_pipeline(
         speed=config.tts.speed,
         peak_limit=config.tts.peak_limit,
         first_clause_words=config.tts.first_clause_words,
-        recent_speech=recent_bot_speech,
+        bot_voice=bot_voice,
     )
     pipeline = Pipeline(
         [
             transport.input(),
-            build_stt(config, models),
+            build_stt(config, models, bot_voice=bot_voice),
             user,
             build_responder(config, models),
             tts,
             transport.output(),
+            PlaybackMonitor(bot_voice=bot_voice),
             assistant,
             *(extra_processors or []),
         ]

@@ -30,6 +30,7 @@ class ScenarioTurn(BaseModel):
     say: str | None = None
     wav: Path | None = None
     noise_secs: float | None = None
+    hum: bool = False
     voice: str = USER_VOICE
     gain: float = 1.0
     # Triggers (see transports.scripted.Cue): one of these.
@@ -42,8 +43,8 @@ class ScenarioTurn(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.say, self.wav, self.noise_secs)) != 1:
-            raise ValueError("a turn needs exactly one of say, wav, noise_secs")
+        if sum(x is not None for x in (self.say, self.wav, self.noise_secs)) + self.hum != 1:
+            raise ValueError("a turn needs exactly one of say, wav, noise_secs, hum")
         return self
 
 
@@ -80,6 +81,26 @@ def noise_burst(seconds: float, *, sample_rate: int, seed: int = 7) -> np.ndarra
     return (rng.standard_normal(n) * envelope * 0.5).astype(np.float32)
 
 
+def hum(*, sample_rate: int) -> np.ndarray:
+    """A hummed "mm-hmm": two nasal syllables, the second higher, about 0.45 s.
+
+    TTS cannot hum (Kokoro spells "Mhm" out as letters), so this backchannel is
+    made the way a voice makes it: a closed-mouth voiced tone with a pitch rise.
+    """
+    def syllable(seconds: float, f0: tuple[float, float]) -> np.ndarray:
+        n = int(seconds * sample_rate)
+        pitch = np.linspace(*f0, n)
+        phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+        # A nasal murmur: strong fundamental, weak upper harmonics.
+        tone = sum(np.sin(k * phase) / k**2 for k in range(1, 8))
+        envelope = np.sin(np.linspace(0, np.pi, n)) ** 0.5
+        return tone * envelope
+
+    gap = np.zeros(int(0.06 * sample_rate))
+    audio = np.concatenate([syllable(0.17, (120, 115)), gap, syllable(0.22, (125, 170))])
+    return (0.5 * audio / np.max(np.abs(audio))).astype(np.float32)
+
+
 class Speaker:
     """Speech for scenario text, by Kokoro, cached: the same text sounds the same each run."""
 
@@ -114,6 +135,8 @@ def build_cues(scenario: Scenario, *, speaker: Speaker, sample_rate: int) -> lis
             audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
             audio = soxr.resample(audio.mean(axis=1), rate, sample_rate)
             text = ""
+        elif turn.hum:
+            audio, text = hum(sample_rate=sample_rate), ""
         else:
             audio, text = noise_burst(turn.noise_secs, sample_rate=sample_rate), ""
         cues.append(

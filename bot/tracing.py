@@ -169,7 +169,8 @@ class LatencyTracer(BaseObserver):
             await self._open_turn(t)
         elif isinstance(frame, (InterruptionFrame, CancelFrame, EndFrame)):
             if self._current and self._current.first_audio_out_ms is not None:
-                self._current.interrupted = isinstance(frame, InterruptionFrame) or self._bot_speaking
+                # The session ending under the bot is no interruption by the user.
+                self._current.interrupted = isinstance(frame, InterruptionFrame)
                 self._current.bot_end_ms = t
                 self._close_turn()
             return

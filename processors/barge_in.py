@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import re
 import time
-from collections import deque
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -32,6 +32,9 @@ from pipecat.frames.frames import (
 )
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
+
+if TYPE_CHECKING:
+    from processors.bot_voice import BotVoice
 
 BACKCHANNELS = frozenset(
     "mhm mm mmm hmm hm uh huh uhhuh mhmm ok okay yeah yes yep yup right sure alright "
@@ -52,23 +55,6 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text)
 
 
-class RecentBotSpeech:
-    """The words the bot spoke lately, shared by the TTS (writer) and the strategy (reader)."""
-
-    def __init__(self, *, window_secs: float = 8.0):
-        self._window = window_secs
-        self._entries: deque[tuple[float, list[str]]] = deque()
-
-    def add(self, text: str) -> None:
-        self._entries.append((time.monotonic(), words_of(text)))
-
-    def words(self) -> set[str]:
-        horizon = time.monotonic() - self._window
-        while self._entries and self._entries[0][0] < horizon:
-            self._entries.popleft()
-        return {w for _, ws in self._entries for w in ws}
-
-
 class Floor:
     """Who holds the conversational floor, read from the turn frames both ways."""
 
@@ -86,9 +72,13 @@ class Floor:
 
 
 def _said_by_bot(word: str, bot_words: set[str]) -> bool:
-    # Long words may come back slightly misheard ("dragon" as "dragons").
-    return word in bot_words or (
-        len(word) >= 5 and bool(difflib.get_close_matches(word, bot_words, n=1, cutoff=0.8))
+    # Long words come back misheard: "dragons" for "dragon", "classification" for "classic".
+    if word in bot_words:
+        return True
+    if len(word) < 5:
+        return False
+    return any(w[:5] == word[:5] for w in bot_words) or bool(
+        difflib.get_close_matches(word, bot_words, n=1, cutoff=0.7)
     )
 
 
@@ -97,13 +87,13 @@ def floor_words(text: str, *, bot_words: set[str], backchannels: frozenset[str] 
 
     An echo is heard imperfectly ("brave" as "brain"), so a transcript counts as
     echo when at least half of its content words are words the bot just said.
-    Function words ("the", "is") are in every sentence and decide nothing.
+    Function words ("the", "with") are in every sentence: alone they claim nothing.
     """
     words = [w for w in words_of(text) if w not in backchannels]
     content = [w for w in words if w not in FUNCTION_WORDS]
     heard_back = [w for w in content if _said_by_bot(w, bot_words)]
     if not content or len(heard_back) >= len(content) / 2:
-        return [] if content or not words else words
+        return []
     return words
 
 
@@ -113,7 +103,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
     def __init__(
         self,
         *,
-        recent_bot_speech: RecentBotSpeech,
+        bot_voice: BotVoice,
         min_words: int = 1,
         min_secs: float = 0.6,
         vad_start_secs: float = 0.2,
@@ -123,7 +113,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         """Initialize the strategy.
 
         Args:
-            recent_bot_speech: What the bot said lately, to recognize its echo.
+            bot_voice: What the bot said lately, to recognize its echo.
             min_words: Floor-claiming words needed to interrupt the bot.
             min_secs: Speech needed to interrupt the bot while it speaks, from its onset.
             vad_start_secs: The VAD's start delay: speech began this long before it reports.
@@ -131,7 +121,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             **kwargs: Passed to ``BaseUserTurnStartStrategy``.
         """
         super().__init__(**kwargs)
-        self._recent = recent_bot_speech
+        self._bot_voice = bot_voice
         self._min_words = min_words
         self._backchannels = backchannels
         self._min_secs = min_secs
@@ -173,7 +163,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         return self._last_speech_secs
 
     async def _handle_words(self, frame: InterimTranscriptionFrame | TranscriptionFrame) -> ProcessFrameResult:
-        claimed = floor_words(frame.text, bot_words=self._recent.words(), backchannels=self._backchannels)
+        claimed = floor_words(frame.text, bot_words=self._bot_voice.words(), backchannels=self._backchannels)
         # While the bot is only thinking, nothing it says can be drowned out: words decide.
         long_enough = not self._floor.bot_speaking or self._speech_secs() >= self._min_secs
         if len(claimed) >= self._min_words and long_enough:

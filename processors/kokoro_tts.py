@@ -15,7 +15,7 @@ from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from processors.barge_in import RecentBotSpeech
+from processors.bot_voice import BotVoice
 from processors.first_clause_aggregator import FirstClauseAggregator
 
 KOKORO_SAMPLE_RATE = 24000
@@ -78,7 +78,7 @@ class KokoroTTSService(TTSService):
         speed: float = 1.0,
         peak_limit: float = 0.95,
         first_clause_words: tuple[int, int] | None = (3, 7),
-        recent_speech: RecentBotSpeech | None = None,
+        bot_voice: BotVoice | None = None,
         **kwargs,
     ):
         """Initialize the service.
@@ -92,7 +92,7 @@ class KokoroTTSService(TTSService):
                 voices clip otherwise.
             first_clause_words: (min, max) words of a reply's first chunk, spoken
                 before its first sentence is complete; None waits for the sentence.
-            recent_speech: Told each text spoken, so the bot's own voice coming
+            bot_voice: Told each text spoken, so the bot's own voice coming
                 back through the user's microphone is not taken for a barge-in.
             **kwargs: Passed to ``TTSService``.
         """
@@ -115,7 +115,7 @@ class KokoroTTSService(TTSService):
                 aggregation_type=TextType.SENTENCE,
                 language=self._text_aggregator.language,
             )
-        self._recent_speech = recent_speech
+        self._bot_voice = bot_voice
         self._kokoro = kokoro
         self._voice = voice
         self._lang = lang
@@ -161,8 +161,8 @@ class KokoroTTSService(TTSService):
         text = text.strip()
         if not text:
             return
-        if self._recent_speech is not None:
-            self._recent_speech.add(text)
+        if self._bot_voice is not None:
+            self._bot_voice.add_text(text)
         try:
             await self.start_tts_usage_metrics(text)
             audio, timings = await self._synthesize_keeping_context_alive(text, context_id)

@@ -26,6 +26,7 @@ from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.time import time_now_iso8601
 
 from processors.barge_in import Floor
+from processors.bot_voice import BotVoice
 
 WHISPER_SAMPLE_RATE = 16000
 # Silence after the speech inside a fitted window, so the model hears the end.
@@ -72,6 +73,8 @@ class WhisperSTTService(SegmentedSTTService):
         no_speech_prob: float = 0.6,
         fit_window: bool = True,
         interim_secs: float | None = 0.15,
+        bot_voice: BotVoice | None = None,
+        echo_gate: float = 0.5,
         **kwargs,
     ):
         """Initialize the service.
@@ -89,6 +92,10 @@ class WhisperSTTService(SegmentedSTTService):
                 transcribe the user's speech every this many seconds, so a
                 barge-in is recognized by its words before the user stops
                 talking. None disables it.
+            bot_voice: The bot's playback level, to tell its echo from the user.
+            echo_gate: While the bot plays, speech quieter than this share of its
+                level is taken for its echo and not transcribed (the Geigel
+                double-talk test); 0 disables it.
             **kwargs: Passed to ``SegmentedSTTService``.
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
@@ -99,6 +106,8 @@ class WhisperSTTService(SegmentedSTTService):
         self._fit_window = fit_window
         self._interim_bytes = int(interim_secs * WHISPER_SAMPLE_RATE * 2) if interim_secs else 0
         self._floor = Floor()
+        self._bot_voice = bot_voice
+        self._echo_gate = echo_gate
         self._interim_task: asyncio.Task | None = None
         self._interim_mark = 0
         self._tokenizer = Tokenizer(
@@ -171,14 +180,23 @@ class WhisperSTTService(SegmentedSTTService):
         if len(self._audio_buffer) - self._interim_mark < self._interim_bytes and self._interim_mark:
             return
         self._interim_mark = len(self._audio_buffer)
+        if self._is_echo():
+            return
         # The last 3 s are plenty to recognize a barge-in and keep each pass cheap.
         audio = bytes(self._audio_buffer[-3 * self.sample_rate * 2 :])
         self._interim_task = self.create_task(self._interim(audio))
 
+    def _is_echo(self) -> bool:
+        """Whether the latest speech is no louder than the bot's own voice would echo."""
+        if not (self._bot_voice and self._echo_gate and self._floor.bot_speaking):
+            return False
+        recent = np.frombuffer(bytes(self._audio_buffer[-int(0.3 * self.sample_rate) * 2 :]), dtype=np.int16)
+        mic_peak = float(np.max(np.abs(recent.astype(np.int32)))) / 32768 if recent.size else 0.0
+        return mic_peak < self._echo_gate * self._bot_voice.playback_peak(within_secs=0.5)
+
     async def _interim(self, audio: bytes):
         samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
         text, language = await asyncio.to_thread(self._transcribe, samples)
-        logger.debug(f"{self}: interim [{text}]")
         if text and self._user_speaking:
             await self.push_frame(
                 InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), language)
