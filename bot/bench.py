@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from bot.config import Config
 from bot.conversation import ConversationResult, build_bot, run_conversation
 from bot.models import Models
-from bot.scenarios import Scenario, Speaker, build_cues
+from bot.scenarios import Scenario, Speaker, barge_in_stop_ms, build_cues
 from bot.tracing import percentile
 
 
@@ -26,16 +27,30 @@ class StackResult:
 
     latencies_ms: list[float] = field(default_factory=list)
     turns: int = 0
-    unanswered: int = 0
     underruns: list[int] = field(default_factory=list)
+    barge_in_stop_ms: list[float] = field(default_factory=list)
+    barge_in_missed: int = 0
+    false_stops: int = 0
     traces: list[str] = field(default_factory=list)
 
-    def add(self, result: ConversationResult) -> None:
-        answered = [t.voice_to_voice_ms for t in result.turns if t.voice_to_voice_ms is not None]
-        self.latencies_ms += answered
+    def add(self, result: ConversationResult, *, scenario: Scenario, sample_rate: int) -> None:
+        self.latencies_ms += [
+            t.voice_to_voice_ms for t in result.turns if t.voice_to_voice_ms is not None
+        ]
         self.turns += len(result.turns)
-        self.unanswered += sum(1 for c in result.cues if c.text) - len(answered)
         self.underruns.append(len(result.recording.underruns))
+        expect = scenario.expect
+        if "barge_in" in expect:
+            index = expect["barge_in"]
+            cue = result.cues[index]
+            stop = barge_in_stop_ms(result, index, sample_rate=sample_rate)
+            # Still talking until the user's last word: the barge-in was missed.
+            if stop is None or stop >= (cue.speech_end - cue.started) * 1000 - 100:
+                self.barge_in_missed += 1
+            else:
+                self.barge_in_stop_ms.append(stop)
+        if expect.get("keeps_talking") or expect.get("no_interruption"):
+            self.false_stops += sum(1 for t in result.turns if t.interrupted)
         if result.trace_path:
             self.traces.append(result.trace_path)
 
@@ -44,8 +59,10 @@ class StackResult:
             "p50_ms": _round(percentile(self.latencies_ms, 50)),
             "p95_ms": _round(percentile(self.latencies_ms, 95)),
             "turns": len(self.latencies_ms),
-            "unanswered": max(0, self.unanswered),
             "underruns_per_session": self.underruns,
+            "barge_in_stop_p50_ms": _round(percentile(self.barge_in_stop_ms, 50)),
+            "barge_in_missed": self.barge_in_missed,
+            "false_stops": self.false_stops,
         }
 
 
@@ -71,6 +88,7 @@ async def _run_stack(
     progress: tqdm,
 ) -> StackResult:
     stack = StackResult()
+    run_id = time.strftime("%Y%m%d-%H%M%S")
     for _ in range(repeat):
         for scenario in scenarios:
             progress.set_postfix_str(f"{name}: {scenario.name}")
@@ -81,14 +99,14 @@ async def _run_stack(
                         models=models,
                         cues=build_cues(scenario, speaker=speaker, sample_rate=config.audio.in_sample_rate),
                         echo_gain=scenario.echo_gain,
-                        session_id=f"bench-{name}-{scenario.name}-{i}",
+                        session_id=f"bench-{run_id}-{name}-{scenario.name}-{i}",
                         build=build,
                     )
                     for i in range(sessions)
                 )
             )
             for result in results:
-                stack.add(result)
+                stack.add(result, scenario=scenario, sample_rate=config.audio.in_sample_rate)
             progress.update(1)
     return stack
 

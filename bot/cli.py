@@ -132,8 +132,9 @@ def bench(
         if name in summary:
             s = summary[name]
             typer.echo(
-                f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns"
-                f" ({s['unanswered']} unanswered; underruns per session {s['underruns_per_session']})"
+                f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns;"
+                f" barge-in stop p50 {s['barge_in_stop_p50_ms']} ms ({s['barge_in_missed']} missed);"
+                f" {s['false_stops']} false stops; underruns per session {s['underruns_per_session']}"
             )
     if "ratio_p50" in summary:
         typer.echo(f"ours/stock p50 ratio: {summary['ratio_p50']}")

@@ -15,6 +15,7 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
 
 from bot.pipeline import build_stt
+from processors.bot_voice import BotVoice
 from processors.whisper_stt import WhisperSTTService
 from tests.conftest import silence
 
@@ -66,7 +67,7 @@ def _utterance(speech: np.ndarray, *, sample_rate: int) -> tuple[np.ndarray, tup
 async def test_spoken_sentence_is_transcribed_exactly(base_config, models, speaker):
     """The pipeline's STT hears a whole sentence, first word included (VAD fires 0.2 s late)."""
     audio, speech = _utterance(speaker(SENTENCE), sample_rate=16000)
-    stt = build_stt(base_config, models)
+    stt = build_stt(base_config, models, bot_voice=BotVoice())
 
     frames = await _transcribe(stt, audio, sample_rate=16000, speech=speech)
 
@@ -79,7 +80,7 @@ async def test_spoken_sentence_is_transcribed_exactly(base_config, models, speak
 async def test_8khz_input_is_resampled_and_transcribed(base_config, models, speaker):
     """Phone audio arrives at 8 kHz; Whisper only understands 16 kHz."""
     audio, speech = _utterance(speaker(SENTENCE, sample_rate=8000), sample_rate=8000)
-    stt = build_stt(base_config, models)
+    stt = build_stt(base_config, models, bot_voice=BotVoice())
 
     frames = await _transcribe(stt, audio, sample_rate=8000, speech=speech)
 
@@ -96,7 +97,7 @@ async def test_no_speech_yields_no_transcription(base_config, models, kind):
         audio = silence(seconds)
     else:  # broadband hiss at about -30 dBFS
         audio = np.clip(rng.normal(0, 1000, int(seconds * 16000)), -32768, 32767).astype(np.int16)
-    stt = build_stt(base_config, models)
+    stt = build_stt(base_config, models, bot_voice=BotVoice())
 
     frames = await _transcribe(stt, audio, sample_rate=16000, speech=(0.1, seconds - 0.3))
 
