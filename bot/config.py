@@ -52,7 +52,7 @@ class VADConfig(_Section):
 
 class TurnsConfig(_Section):
     stop_strategy: Literal["speech_timeout", "smart_turn"] = "speech_timeout"
-    user_speech_timeout: float = Field(0.2, ge=0)
+    user_speech_timeout: float = Field(0.05, ge=0)
     interruptions: bool = True
     barge_in: Literal["words", "vad"] = "words"
     barge_in_min_words: int = Field(1, ge=1)
@@ -95,7 +95,7 @@ class STTConfig(_Section):
 class LlamaCppConfig(_Section):
     model_path: Path | None = None
     n_ctx: int = Field(2048, ge=256)
-    n_threads: int = Field(2, ge=1)
+    n_threads: int = Field(1, ge=1)
 
 
 class OpenAIConfig(_Section):
@@ -124,7 +124,7 @@ class TTSConfig(_Section):
     voices_path: Path | None = None
     threads: int = Field(2, ge=1)
     peak_limit: float = Field(0.95, gt=0, le=1)
-    first_clause_words: tuple[int, int] | None = (3, 7)
+    first_clause_words: tuple[int, int] | None = (2, 4)
 
 
 class TracingConfig(_Section):

@@ -20,7 +20,7 @@ class FirstClauseAggregator(SimpleTextAggregator):
     which keeps the prosody natural.
     """
 
-    def __init__(self, *, min_words: int = 3, max_words: int = 7, **kwargs):
+    def __init__(self, *, min_words: int = 2, max_words: int = 4, **kwargs):
         """Initialize the aggregator.
 
         Args:

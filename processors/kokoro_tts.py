@@ -77,7 +77,7 @@ class KokoroTTSService(TTSService):
         lang: str = "en-us",
         speed: float = 1.0,
         peak_limit: float = 0.95,
-        first_clause_words: tuple[int, int] | None = (3, 7),
+        first_clause_words: tuple[int, int] | None = (2, 4),
         bot_voice: BotVoice | None = None,
         **kwargs,
     ):
