@@ -7,7 +7,9 @@ import soxr
 from bot.conversation import run_conversation
 from transports.scripted import Cue
 
-QUESTION = "What is the capital of France?"
+# A reply in plain English words: a French name ("Le Grand Paris") is read back
+# unreliably by Whisper tiny after English phonemization, which tests nothing of ours.
+QUESTION = "Hello, can you hear me?"
 
 
 def _normalize(text: str) -> str:
