@@ -8,16 +8,9 @@ import threading
 from llama_cpp import Llama
 from loguru import logger
 
-from pipecat.frames.frames import (
-    Frame,
-    LLMContextFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-)
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.llm_service import LLMService
-from pipecat.services.settings import LLMSettings
+
+from processors.local_llm import LocalLLMService
 
 SENTENCE_ENDS = (".", "!", "?")
 # Past max_tokens a reply may run this many more tokens to reach a sentence end.
@@ -54,13 +47,15 @@ def merge_consecutive_turns(messages: list[dict]) -> list[dict]:
     return merged
 
 
-class LlamaCppLLMService(LLMService):
+class LlamaCppLLMService(LocalLLMService):
     """Streams a reply from a shared llama.cpp model, token by token, off the event loop.
 
     Replies are capped (a voice answer should be short) and always end at a
     sentence boundary, so TTS never speaks half a sentence. An interruption stops
     the generating thread at the next token: no CPU keeps burning on a dead reply.
     """
+
+    engine_name = "llama.cpp"
 
     def __init__(
         self,
@@ -82,55 +77,20 @@ class LlamaCppLLMService(LLMService):
             model_name: Reported in metrics.
             max_tokens: Soft reply cap; the reply then runs on to its sentence end.
             temperature: Sampling temperature.
-            **kwargs: Passed to ``LLMService``.
+            **kwargs: Passed to ``LocalLLMService``.
         """
         super().__init__(
-            settings=LLMSettings(
-                model=model_name,
-                system_instruction=system_prompt,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                top_p=None,
-                top_k=None,
-                frequency_penalty=None,
-                presence_penalty=None,
-                seed=None,
-                filter_incomplete_user_turns=False,
-                user_turn_completion_config=None,
-            ),
+            model_name=model_name,
+            system_prompt=system_prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
             **kwargs,
         )
         self._llm = llm
         self._lock = lock
-        self._system_prompt = system_prompt
-        self._max_tokens = max_tokens
-        self._temperature = temperature
-
-    def can_generate_metrics(self) -> bool:
-        return True
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        if isinstance(frame, LLMContextFrame):
-            await self.push_frame(LLMFullResponseStartFrame())
-            await self.start_processing_metrics()
-            try:
-                await self._respond(frame.context)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                await self.push_error(error_msg=f"llama.cpp generation failed: {e}", exception=e)
-            finally:
-                await self.stop_processing_metrics()
-                await self.push_frame(LLMFullResponseEndFrame())
-        else:
-            await self.push_frame(frame, direction)
 
     async def _messages(self, context: LLMContext) -> list[dict]:
-        params = await self.get_llm_adapter().get_llm_invocation_params(
-            context, system_instruction=self._system_prompt, convert_developer_to_user=True
-        )
-        return merge_consecutive_turns(list(params["messages"]))
+        return merge_consecutive_turns(await self._openai_messages(context))
 
     async def _respond(self, context: LLMContext):
         messages = await self._messages(context)

@@ -9,17 +9,9 @@ import torch
 from loguru import logger
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from pipecat.frames.frames import (
-    Frame,
-    LLMContextFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-)
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.llm_service import LLMService
-from pipecat.services.settings import LLMSettings
 
+from processors.local_llm import LocalLLMService
 from processors.responder import SENTENCE_ENDS
 from processors.voxtral_stt import VoxtralModel
 
@@ -80,7 +72,7 @@ class _ReplyStop(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class VoxtralLLMService(LLMService):
+class VoxtralLLMService(LocalLLMService):
     """Streams a reply from the shared Voxtral model, word by word, off the event loop.
 
     With Voxtral as the STT, the same weights answer: one model in memory for
@@ -88,6 +80,8 @@ class VoxtralLLMService(LLMService):
     ``LlamaCppLLMService``; an interruption stops the generating thread at its
     next token, so no GPU or CPU keeps burning on a dead reply.
     """
+
+    engine_name = "Voxtral"
 
     def __init__(
         self,
@@ -105,54 +99,19 @@ class VoxtralLLMService(LLMService):
             system_prompt: Instructions, sent at the head of the first user turn.
             max_tokens: Soft reply cap; the reply then runs on to its sentence end.
             temperature: Sampling temperature; 0 decodes greedily.
-            **kwargs: Passed to ``LLMService``.
+            **kwargs: Passed to ``LocalLLMService``.
         """
         super().__init__(
-            settings=LLMSettings(
-                model=model.model_id,
-                system_instruction=system_prompt,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                top_p=None,
-                top_k=None,
-                frequency_penalty=None,
-                presence_penalty=None,
-                seed=None,
-                filter_incomplete_user_turns=False,
-                user_turn_completion_config=None,
-            ),
+            model_name=model.model_id,
+            system_prompt=system_prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
             **kwargs,
         )
         self._model = model
-        self._system_prompt = system_prompt
-        self._max_tokens = max_tokens
-        self._temperature = temperature
-
-    def can_generate_metrics(self) -> bool:
-        return True
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        if isinstance(frame, LLMContextFrame):
-            await self.push_frame(LLMFullResponseStartFrame())
-            await self.start_processing_metrics()
-            try:
-                await self._respond(frame.context)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                await self.push_error(error_msg=f"Voxtral generation failed: {e}", exception=e)
-            finally:
-                await self.stop_processing_metrics()
-                await self.push_frame(LLMFullResponseEndFrame())
-        else:
-            await self.push_frame(frame, direction)
 
     async def _messages(self, context: LLMContext) -> list[dict]:
-        params = await self.get_llm_adapter().get_llm_invocation_params(
-            context, system_instruction=self._system_prompt, convert_developer_to_user=True
-        )
-        return fold_system_prompt(list(params["messages"]))
+        return fold_system_prompt(await self._openai_messages(context))
 
     async def _respond(self, context: LLMContext):
         vox = self._model
