@@ -45,9 +45,9 @@ class AudioConfig(_Section):
 
 class VADConfig(_Section):
     confidence: float = Field(0.7, gt=0, le=1)
-    start_secs: float = Field(0.2, ge=0)
+    start_secs: float = Field(0.1, ge=0)
     stop_secs: float = Field(0.2, ge=0)
-    min_volume: float = Field(0.6, ge=0, le=1)
+    min_volume: float = Field(0.3, ge=0, le=1)
 
 
 class TurnsConfig(_Section):
@@ -58,6 +58,9 @@ class TurnsConfig(_Section):
     barge_in_min_words: int = Field(1, ge=1)
     barge_in_min_secs: float = Field(0.6, ge=0)
     echo_gate: float = Field(0.5, ge=0, le=1)
+    pause_on_speech: bool = True
+    resume_after_secs: float = Field(0.5, ge=0)
+    max_pause_secs: float = Field(2.0, gt=0)
 
 
 class WhisperConfig(_Section):

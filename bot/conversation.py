@@ -134,7 +134,10 @@ async def run_conversation(
         echo_gain=echo_gain,
     )
     tracer = LatencyTracer(
-        session_id=session_id, vad_stop_secs=config.vad.stop_secs, log_dir=config.tracing.dir
+        session_id=session_id,
+        vad_stop_secs=config.vad.stop_secs,
+        vad_start_secs=config.vad.start_secs,
+        log_dir=config.tracing.dir,
     )
     session = build(
         config=config, models=models, transport=transport, observers=[tracer, *(observers or [])]

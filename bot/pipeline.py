@@ -126,6 +126,10 @@ def build_turn_strategies(config: Config, *, bot_voice: BotVoice) -> UserTurnStr
                 min_words=turns.barge_in_min_words,
                 min_secs=turns.barge_in_min_secs,
                 vad_start_secs=config.vad.start_secs,
+                pause_playback=turns.pause_on_speech,
+                resume_after_secs=turns.resume_after_secs,
+                max_pause_secs=turns.max_pause_secs,
+                echo_gate=turns.echo_gate,
                 enable_interruptions=turns.interruptions,
             )
         ]

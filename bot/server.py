@@ -158,6 +158,7 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
     tracer = LatencyTracer(
         session_id=session_id,
         vad_stop_secs=config.vad.stop_secs,
+        vad_start_secs=config.vad.start_secs,
         log_dir=config.tracing.dir,
         on_turn=state.record_turn,
     )

@@ -24,6 +24,7 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    OutputAudioRawFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
@@ -49,8 +50,15 @@ STAGES = {
 _SILENCE_PEAK = 100
 # A frame this many times louder than the quiet the VAD confirmed is still speech.
 _SPEECH_OVER_QUIET = 4.0
+# How far before the VAD's own bound the onset of speech is looked for.
+_ONSET_LOOKBACK_MS = 400.0
 # Input frame levels kept to find the speech end (a few seconds of audio).
 _LEVELS_KEPT = 200
+
+
+def _peak(audio: bytes) -> int:
+    samples = np.frombuffer(audio, dtype=np.int16)
+    return max(int(samples.max()), -int(samples.min())) if samples.size else 0
 
 
 @dataclass
@@ -72,6 +80,9 @@ class TurnTrace:
     first_audio_out_ms: float | None = None
     bot_end_ms: float | None = None
     interrupted: bool = False
+    # Interrupted turns: from the onset of the user's barge-in speech (found in the
+    # input audio before the VAD start) to the end of the bot's last audio frame sent.
+    barge_in_stop_ms: float | None = None
     user_text: str = ""
     # What the bot was heard saying (words leave the output as their audio plays),
     # and what the model generated; they differ when the user interrupts.
@@ -113,6 +124,7 @@ class LatencyTracer(BaseObserver):
         *,
         session_id: str,
         vad_stop_secs: float,
+        vad_start_secs: float = 0.2,
         log_dir: Path | None = None,
         on_turn: Callable[[TurnTrace], None] | None = None,
     ):
@@ -122,6 +134,7 @@ class LatencyTracer(BaseObserver):
             session_id: Names the JSONL file and every record.
             vad_stop_secs: The VAD's stop delay: the speech ended at least this long
                 before the VAD says so.
+            vad_start_secs: The VAD's start delay: the speech began this long before it says so.
             log_dir: Where ``<session_id>.jsonl`` is written; None keeps traces in memory only.
             on_turn: Optional callback receiving each finished :class:`TurnTrace`.
         """
@@ -129,6 +142,7 @@ class LatencyTracer(BaseObserver):
         self.session_id = session_id
         self.turns: list[TurnTrace] = []
         self._vad_stop_secs = vad_stop_secs
+        self._vad_start_secs = vad_start_secs
         self._path = Path(log_dir) / f"{session_id}.jsonl" if log_dir else None
         if self._path:
             self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +150,8 @@ class LatencyTracer(BaseObserver):
         self._current: TurnTrace | None = None
         self._speech_start_ms: float | None = None
         self._bot_speaking = False
+        # When the last audible bot audio frame left the output transport.
+        self._last_audio_out_ms: float | None = None
         # (push time in ms, peak level) of recent input audio frames.
         self._levels: deque[tuple[float, int]] = deque(maxlen=_LEVELS_KEPT)
 
@@ -155,23 +171,30 @@ class LatencyTracer(BaseObserver):
             if self._current and isinstance(data.source, BaseOutputTransport):
                 self._current.bot_text += " " + frame.text
             return
+        if isinstance(frame, OutputAudioRawFrame) and isinstance(data.source, BaseOutputTransport):
+            if _peak(frame.audio) > _SILENCE_PEAK:
+                # The frame is pushed on once written: its audio ends about now.
+                self._last_audio_out_ms = t
+            return
         # Turn frames are broadcast both ways; the downstream copy is the one to count.
         if not data.first_push or data.direction != FrameDirection.DOWNSTREAM:
             return
 
         if isinstance(frame, InputAudioRawFrame):
-            samples = np.frombuffer(frame.audio, dtype=np.int16)
-            peak = max(int(samples.max()), -int(samples.min())) if samples.size else 0
-            self._levels.append((t, peak))
+            self._levels.append((t, _peak(frame.audio)))
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_start_ms = t
         elif isinstance(frame, UserStartedSpeakingFrame):
             await self._open_turn(t)
+        elif isinstance(frame, (BotStartedSpeakingFrame, BotStoppedSpeakingFrame)):
+            self._bot_speaking = isinstance(frame, BotStartedSpeakingFrame)
         elif isinstance(frame, (InterruptionFrame, CancelFrame, EndFrame)):
             if self._current and self._current.first_audio_out_ms is not None:
                 # The session ending under the bot is no interruption by the user.
-                self._current.interrupted = isinstance(frame, InterruptionFrame)
-                self._current.bot_end_ms = t
+                if isinstance(frame, InterruptionFrame):
+                    self._cut(self._current, t)
+                else:
+                    self._current.bot_end_ms = t
                 self._close_turn()
             return
 
@@ -190,7 +213,6 @@ class LatencyTracer(BaseObserver):
             turn.first_token_ms = turn.first_token_ms or t
             turn.generated_text += frame.text
         elif isinstance(frame, BotStartedSpeakingFrame):
-            self._bot_speaking = True
             if turn.generation_start_ms is not None:
                 turn.first_audio_out_ms = turn.first_audio_out_ms or t
         elif turn.generation_start_ms is None:
@@ -200,7 +222,6 @@ class LatencyTracer(BaseObserver):
         elif isinstance(frame, TTSAudioRawFrame):
             turn.first_tts_audio_ms = turn.first_tts_audio_ms or t
         elif isinstance(frame, BotStoppedSpeakingFrame):
-            self._bot_speaking = False
             if turn.first_audio_out_ms is not None:
                 turn.bot_end_ms = t
                 self._close_turn()
@@ -230,7 +251,8 @@ class LatencyTracer(BaseObserver):
 
     async def _open_turn(self, t: float):
         if self._current is not None:
-            self._current.interrupted = self._bot_speaking
+            if self._bot_speaking:
+                self._cut(self._current, t)
             self._current.bot_end_ms = self._current.bot_end_ms or t
             self._close_turn()
         self._current = TurnTrace(
@@ -238,6 +260,35 @@ class LatencyTracer(BaseObserver):
             turn=len(self.turns),
             user_speech_start_ms=self._speech_start_ms if self._speech_start_ms is not None else t,
         )
+
+    def _cut(self, turn: TurnTrace, t: float) -> None:
+        """The user barged in: the bot's speech ended with the last audio it sent."""
+        turn.interrupted = True
+        turn.bot_end_ms = self._last_audio_out_ms if self._last_audio_out_ms is not None else t
+        if self._speech_start_ms is not None:
+            onset = self._speech_onset_ms(vad_start_ms=self._speech_start_ms)
+            turn.barge_in_stop_ms = round(max(0.0, turn.bot_end_ms - onset), 1)
+
+    def _speech_onset_ms(self, *, vad_start_ms: float) -> float:
+        """When the user began to speak, judged on the audio the bot received.
+
+        The VAD reports speech ``start_secs`` after it is sure, later still while
+        its smoothed volume rises: the onset is where the run of frames clearly
+        louder than the quiet before it begins, at most ``_ONSET_LOOKBACK_MS``
+        before that bound.
+        """
+        bound = vad_start_ms - self._vad_start_secs * 1000
+        earliest = bound - _ONSET_LOOKBACK_MS
+        quiet = [peak for t, peak in self._levels if t < earliest]
+        threshold = max(_SILENCE_PEAK, statistics.median(quiet) * _SPEECH_OVER_QUIET) if quiet else _SILENCE_PEAK
+        onset = bound
+        for t, peak in reversed(self._levels):
+            if t > vad_start_ms:
+                continue
+            if t < earliest or peak <= threshold:
+                break
+            onset = min(onset, t)
+        return onset
 
     def _close_turn(self):
         turn, self._current = self._current, None

@@ -7,7 +7,14 @@ decide: a backchannel ("mhm", "okay"), a noise or breath that yields no words,
 or the bot's own voice coming back through an open microphone (its words match
 what the bot just said) leave the bot alone. Other words are a barge-in once the
 user has spoken for ``min_secs``: Whisper tiny hears a hummed "mhm" as words
-("I made"), but a backchannel is short.
+("I made"), but a backchannel is short. An interim transcript of speech still
+going on ends in half-heard words ("Yehirite" for "yeah, right"), so only words
+that two passes in a row agree on count; a final transcript counts as it is.
+
+Words take the better part of a second to hear, and a bot that talks on over
+the user for that long feels broken. So playback pauses as soon as the VAD
+hears the user while the bot speaks (unless the sound is no louder than the
+bot's own echo), and resumes if the words do not claim the floor.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from __future__ import annotations
 import difflib
 import re
 import time
+from collections import deque
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from loguru import logger
 
@@ -23,6 +33,7 @@ from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     Frame,
+    InputAudioRawFrame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
     UserStartedSpeakingFrame,
@@ -33,11 +44,13 @@ from pipecat.frames.frames import (
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
 
+from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
+
 if TYPE_CHECKING:
     from processors.bot_voice import BotVoice
 
 BACKCHANNELS = frozenset(
-    "mhm mm mmm hmm hm uh huh uhhuh mhmm ok okay yeah yes yep yup right sure alright "
+    "mhm mm mmm hmm hm mmhmm mmhm uh huh uhhuh mhmm ok okay yeah yes yep yup right sure alright "
     "aha ah oh cool nice wow great".split()
 )
 
@@ -82,17 +95,25 @@ def _said_by_bot(word: str, bot_words: set[str]) -> bool:
     )
 
 
-def floor_words(text: str, *, bot_words: set[str], backchannels: frozenset[str] = BACKCHANNELS) -> list[str]:
+def floor_words(
+    text: str, *, bot_words: set[str], backchannels: frozenset[str] = BACKCHANNELS, loud: bool = False
+) -> list[str]:
     """The words that claim the floor: none when it is a backchannel or the bot's own echo.
 
     An echo is heard imperfectly ("brave" as "brain"), so a transcript counts as
     echo when at least half of its content words are words the bot just said.
+    Speech ``loud``er than the bot's echo could be is the user's own, and a
+    user's words sound like the bot's often enough ("sorry" like "story") that
+    only a transcript made wholly of the bot's exact words is taken for echo.
     Function words ("the", "with") are in every sentence: alone they claim nothing.
     """
     words = [w for w in words_of(text) if w not in backchannels]
     content = [w for w in words if w not in FUNCTION_WORDS]
-    heard_back = [w for w in content if _said_by_bot(w, bot_words)]
-    if not content or len(heard_back) >= len(content) / 2:
+    if loud:
+        echo = all(w in bot_words for w in content)
+    else:
+        echo = len([w for w in content if _said_by_bot(w, bot_words)]) >= len(content) / 2
+    if not content or echo:
         return []
     return words
 
@@ -108,6 +129,10 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         min_secs: float = 0.6,
         vad_start_secs: float = 0.2,
         backchannels: frozenset[str] = BACKCHANNELS,
+        pause_playback: bool = True,
+        resume_after_secs: float = 0.5,
+        max_pause_secs: float = 2.0,
+        echo_gate: float = 0.5,
         **kwargs,
     ):
         """Initialize the strategy.
@@ -118,6 +143,14 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             min_secs: Speech needed to interrupt the bot while it speaks, from its onset.
             vad_start_secs: The VAD's start delay: speech began this long before it reports.
             backchannels: Words that acknowledge without taking the floor.
+            pause_playback: Hold the bot's audio from the moment the user's speech is
+                heard until its words decide, instead of talking over the user meanwhile.
+            resume_after_secs: After the user's speech ends without claiming the
+                floor, play on this much later (a final transcript that claims
+                nothing resumes at once).
+            max_pause_secs: Play on after this long paused, whatever happens.
+            echo_gate: Speech no louder than this share of the bot's playback may be
+                its echo: it does not pause the bot (0 pauses on any speech).
             **kwargs: Passed to ``BaseUserTurnStartStrategy``.
         """
         super().__init__(**kwargs)
@@ -130,10 +163,19 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._in_turn = False
         self._speech_onset: float | None = None
         self._last_speech_secs = 0.0
+        self._pause_playback = pause_playback
+        self._resume_after_secs = resume_after_secs
+        self._max_pause_secs = max_pause_secs
+        self._echo_gate = echo_gate
+        self._paused = False
+        self._loud = False  # the speech is louder than the bot's echo could be
+        self._mic_peaks: deque[tuple[float, float]] = deque(maxlen=50)
+        self._previous_interim: set[str] = set()
 
     async def handle_user_turn_started(self):
         await super().handle_user_turn_started()
         self._in_turn = True
+        self._paused = False  # the interruption that comes with the turn ends the pause
         self._floor.update(UserStartedSpeakingFrame())
 
     async def handle_user_turn_stopped(self):
@@ -144,17 +186,47 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
 
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
         self._floor.update(frame)
-        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._speech_onset is not None:
+        if isinstance(frame, InputAudioRawFrame):
+            samples = np.frombuffer(frame.audio, dtype=np.int16)
+            if samples.size:
+                self._mic_peaks.append((time.monotonic(), float(np.abs(samples.astype(np.int32)).max()) / 32768))
+        elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._speech_onset is not None:
             self._last_speech_secs = time.monotonic() - frame.stop_secs - self._speech_onset
             self._speech_onset = None
+            await self._resume(after_secs=self._resume_after_secs)
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_onset = time.monotonic() - self._vad_start_secs
+            self._previous_interim = set()
             if not self._floor.bot_has_it:
                 await self.trigger_user_turn_started()
                 return ProcessFrameResult.STOP
+            await self._maybe_pause()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._paused = False
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and not self._in_turn:
             return await self._handle_words(frame)
         return ProcessFrameResult.CONTINUE
+
+    async def _maybe_pause(self):
+        """Stop talking over the user while their words are heard out."""
+        horizon = time.monotonic() - 0.3
+        mic_peak = max((p for t, p in self._mic_peaks if t >= horizon), default=0.0)
+        self._loud = self._echo_gate > 0 and not self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
+        if not (self._pause_playback and self._enable_interruptions and self._floor.bot_speaking):
+            return
+        if not self._loud and self._echo_gate > 0:
+            logger.debug(f"{self}: speech at {mic_peak:.2f} may be the bot's echo: playing on")
+            return
+        logger.debug(f"{self}: pausing playback while the user's words are heard")
+        self._paused = True
+        await self.push_frame(PausePlaybackFrame(max_secs=self._max_pause_secs))
+
+    async def _resume(self, *, after_secs: float):
+        if self._paused:
+            logger.debug(f"{self}: not a barge-in: resuming playback in {after_secs}s")
+            await self.push_frame(ResumePlaybackFrame(after_secs=after_secs))
+            if after_secs == 0:
+                self._paused = False
 
     def _speech_secs(self) -> float:
         """How long the user has been talking (or talked, once the VAD stopped)."""
@@ -163,7 +235,14 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         return self._last_speech_secs
 
     async def _handle_words(self, frame: InterimTranscriptionFrame | TranscriptionFrame) -> ProcessFrameResult:
-        claimed = floor_words(frame.text, bot_words=self._bot_voice.words(), backchannels=self._backchannels)
+        text = frame.text
+        if isinstance(frame, InterimTranscriptionFrame):
+            heard = words_of(text)
+            text = " ".join(w for w in heard if w in self._previous_interim)
+            self._previous_interim = set(heard)
+        claimed = floor_words(
+            text, bot_words=self._bot_voice.words(), backchannels=self._backchannels, loud=self._loud
+        )
         # While the bot is only thinking, nothing it says can be drowned out: words decide.
         long_enough = not self._floor.bot_speaking or self._speech_secs() >= self._min_secs
         if len(claimed) >= self._min_words and long_enough:
@@ -174,4 +253,5 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             # A backchannel or an echo: keep it out of the next user message.
             logger.debug(f"{self}: not a turn: {frame.text!r}")
             await self.trigger_reset_aggregation()
+            await self._resume(after_secs=0)
         return ProcessFrameResult.CONTINUE

@@ -49,6 +49,15 @@ class BotVoice:
         horizon = time.monotonic() - within_secs
         return max((p for t, p in self._levels if t >= horizon), default=0.0)
 
+    def could_be_echo(self, mic_peak: float, *, gate: float) -> bool:
+        """Whether the microphone at ``mic_peak`` may be only the bot's voice coming back.
+
+        The Geigel double-talk test: an echo is quieter than what was played by
+        the room's loss, so speech louder than ``gate`` times the bot's recent
+        peak is the user's. ``gate`` 0 disables the test.
+        """
+        return gate > 0 and mic_peak < gate * self.playback_peak(within_secs=0.5)
+
 
 class PlaybackMonitor(FrameProcessor):
     """Notes the level of every audio chunk the output transport has played.

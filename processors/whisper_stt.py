@@ -192,7 +192,7 @@ class WhisperSTTService(SegmentedSTTService):
             return False
         recent = np.frombuffer(bytes(self._audio_buffer[-int(0.3 * self.sample_rate) * 2 :]), dtype=np.int16)
         mic_peak = float(np.max(np.abs(recent.astype(np.int32)))) / 32768 if recent.size else 0.0
-        return mic_peak < self._echo_gate * self._bot_voice.playback_peak(within_secs=0.5)
+        return self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
 
     async def _interim(self, audio: bytes):
         samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)

@@ -17,6 +17,7 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    OutputAudioRawFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
@@ -251,6 +252,31 @@ async def test_interruption_frame_while_the_bot_speaks_ends_the_turn(tmp_path):
 
     [turn] = tracer.turns
     assert turn.interrupted is True and turn.bot_end_ms == pytest.approx(3900)
+
+
+async def test_barge_in_stop_runs_from_the_speech_onset_to_the_last_audio_sent(tmp_path):
+    """The bot paused just after the VAD heard the user: 140 ms from the onset, not the interruption's time."""
+    tracer = _tracer(tmp_path, vad_start_secs=0.1)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400)
+    await session.bot_reply(start=2700, speak_ms=None)
+    chunk = OutputAudioRawFrame(audio=b"\x00\x10" * 480, sample_rate=24000, num_channels=1)
+    for at in np.arange(3320.0, 4151.0, 20.0):  # played until the pause
+        await session._push(chunk, at=float(at), source=session.output, direction=FrameDirection.DOWNSTREAM)
+    for at in np.arange(3000.0, 4400.0, 20.0):  # the user speaks from 4000 ms
+        level = 6000 if at >= 4000 else 0
+        samples = np.full(320, level, np.int16).tobytes()
+        await session.push(InputAudioRawFrame(audio=samples, sample_rate=16000, num_channels=1), at=float(at), source=session.input)
+        if at == 4120:
+            await session.push(VADUserStartedSpeakingFrame(start_secs=0.1), at=at, source=session.user, broadcast=True)
+    # The words decide 600 ms later: the turn starts and the rest of the reply is dropped.
+    await session.push(UserStartedSpeakingFrame(), at=4700, source=session.user, broadcast=True)
+    await session.push(InterruptionFrame(), at=4700, source=session.user, broadcast=True)
+
+    first = tracer.turns[0]
+    assert first.interrupted is True
+    assert first.bot_end_ms == pytest.approx(4140)
+    assert first.barge_in_stop_ms == pytest.approx(140)
 
 
 async def test_upstream_copies_and_repushes_are_counted_once(tmp_path):

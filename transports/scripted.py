@@ -31,6 +31,8 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from transports.playback_gate import PausableOutputMixin
+
 FRAME_SECS = 0.02
 # Samples quieter than this (about -50 dBFS) are silence to the listener.
 SILENCE_LEVEL = 100
@@ -234,7 +236,7 @@ class ScriptedInputTransport(BaseInputTransport):
             await asyncio.sleep(max(0.0, n * step / rate - self._clock.now()))
 
 
-class ScriptedOutputTransport(BaseOutputTransport):
+class ScriptedOutputTransport(PausableOutputMixin, BaseOutputTransport):
     """Records each bot audio frame at the moment it would start to play."""
 
     def __init__(self, *, clock: _Clock, recording: BotRecording, params: TransportParams, **kwargs):
@@ -253,6 +255,10 @@ class ScriptedOutputTransport(BaseOutputTransport):
             self._next_play = 0.0  # the reply was cut: the gap that follows is no underrun
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if self.playback_gate.paused:
+            if not await self.admit_audio():
+                return False
+            self._next_play = 0.0  # held on purpose: the gap is no underrun
         now = self._clock.now()
         gap = now - self._next_play
         if self._next_play and FRAME_SECS < gap < UNDERRUN_MAX_GAP:
@@ -292,6 +298,8 @@ class ScriptedTransport(BaseTransport):
             audio_out_enabled=True,
             audio_out_sample_rate=out_sample_rate,
             audio_out_end_silence_secs=0,
+            # 20 ms to the speaker at a time, like WebRTC and telephony frames (pipecat: 40).
+            audio_out_10ms_chunks=2,
         )
         self.clock = _Clock()
         self.recording = BotRecording(sample_rate=out_sample_rate)

@@ -10,8 +10,9 @@ Wire protocol (one connection = one conversation):
 - server -> client, text: ``{"type": "ready", "session_id": ..., "sample_rate_in": ...,
   "sample_rate_out": ...}`` (first), ``{"type": "transcript", "text": ...}`` (what the user
   said, per turn), ``{"type": "bot_text", "text": ...}`` (each word as its audio is sent),
-  ``{"type": "interrupt"}`` (flush playback now), ``{"type": "error", "message": ...}``,
-  ``{"type": "pong"}``.
+  ``{"type": "pause"}`` (hold playback: the user may be barging in), ``{"type": "resume"}``
+  (play on: it was not a barge-in), ``{"type": "interrupt"}`` (flush playback now; it ends a
+  pause), ``{"type": "error", "message": ...}``, ``{"type": "pong"}``.
 
 Bad input gets an error message; it never ends the session.
 """
@@ -39,7 +40,13 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
 from pipecat.transports.base_output import BaseOutputTransport
-from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
+from pipecat.transports.websocket.fastapi import (
+    FastAPIWebsocketOutputTransport,
+    FastAPIWebsocketParams,
+    FastAPIWebsocketTransport,
+)
+
+from transports.playback_gate import PausableOutputMixin
 
 # A browser sends at its AudioContext rate: the output device's rate unless told otherwise.
 SUPPORTED_INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
@@ -146,6 +153,31 @@ class ClientEventsObserver(BaseObserver):
         await self._output.queue_frame(OutputTransportMessageUrgentFrame(message=message))
 
 
+class PausableWebsocketOutputTransport(PausableOutputMixin, FastAPIWebsocketOutputTransport):
+    """Holds the audio while the user may be barging in, and tells the page to hold its own."""
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if not await self.admit_audio():
+            return False
+        return await super().write_audio_frame(frame)
+
+    async def on_playback_paused(self) -> None:
+        await self.send_message(OutputTransportMessageUrgentFrame(message={"type": "pause"}))
+
+    async def on_playback_resumed(self) -> None:
+        await self.send_message(OutputTransportMessageUrgentFrame(message={"type": "resume"}))
+
+
+class VoxbotWebsocketTransport(FastAPIWebsocketTransport):
+    """pipecat's FastAPI WebSocket transport with an output that can pause."""
+
+    def __init__(self, websocket: WebSocket, params: FastAPIWebsocketParams, **kwargs):
+        super().__init__(websocket, params, **kwargs)
+        self._output = PausableWebsocketOutputTransport(
+            self, self._client, self._params, name=self._output_name
+        )
+
+
 def create_websocket_transport(
     websocket: WebSocket,
     *,
@@ -154,10 +186,10 @@ def create_websocket_transport(
     session_timeout_s: int,
     max_message_bytes: int,
     allowed_origins: list[str],
-) -> FastAPIWebsocketTransport:
+) -> VoxbotWebsocketTransport:
     """A pipecat FastAPI WebSocket transport speaking :class:`PCMJSONSerializer`."""
     logger.debug(f"websocket transport: in {in_sample_rate} Hz, out {out_sample_rate} Hz")
-    return FastAPIWebsocketTransport(
+    return VoxbotWebsocketTransport(
         websocket=websocket,
         params=FastAPIWebsocketParams(
             audio_in_enabled=True,

@@ -48,7 +48,17 @@ class Player {
     for (const source of this.sources) source.stop();
     this.sources.clear();
     this.next = 0;
+    this.resume();
     return playing;
+  }
+
+  /** Holds what is queued where it is (the user may be barging in): the audio clock stops. */
+  pause() {
+    if (this.context.state === "running") this.context.suspend();
+  }
+
+  resume() {
+    if (this.context.state === "suspended") this.context.resume();
   }
 }
 
@@ -57,13 +67,15 @@ function start() {
   setState("connecting");
   ui.toggle.textContent = "Stop";
   ui.toggle.classList.add("stop");
-  // Made inside the click, so the browser lets it play sound.
+  // Made inside the click, so the browser lets them play sound. Playback has a context of
+  // its own, so holding it while the user may be barging in does not stop the microphone.
   const context = new AudioContext();
+  const playback = new AudioContext();
   const url = new URL("ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
-  const s = { context, ws, player: new Player(context), stream: null, botLine: null };
+  const s = { context, ws, player: new Player(playback), stream: null, botLine: null };
   session = s;
 
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: context.sampleRate }));
@@ -80,6 +92,7 @@ function stop(state) {
   s.ws.close();
   s.stream?.getTracks().forEach((track) => track.stop());
   s.context.close();
+  s.player.context.close();
   setState(state);
   ui.toggle.textContent = "Start";
   ui.toggle.classList.remove("stop");
@@ -111,6 +124,12 @@ function onMessage(s, data) {
     case "bot_text":
       if (s.botLine) s.botLine.textContent += ` ${message.text}`;
       else s.botLine = addLine("bot", message.text);
+      break;
+    case "pause":
+      s.player.pause();
+      break;
+    case "resume":
+      s.player.resume();
       break;
     case "interrupt":
       if (s.player.flush() && s.botLine) s.botLine.classList.add("interrupted");

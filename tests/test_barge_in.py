@@ -1,0 +1,99 @@
+"""The barge-in strategy's decisions, fed the frames the user aggregator would give it."""
+
+import numpy as np
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+
+from processors.barge_in import BargeInUserTurnStartStrategy, floor_words
+from processors.bot_voice import BotVoice
+from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
+
+BOT_SAID = "The story of a brave little dragon is actually a classic."
+
+
+def test_backchannels_and_function_words_claim_nothing():
+    bot = set(BOT_SAID.lower().replace(".", "").split())
+    assert floor_words("Mm-hmm, yeah, right.", bot_words=bot) == []
+    assert floor_words("and the", bot_words=bot) == []
+    assert floor_words("What time is it?", bot_words=bot) == ["what", "time", "is", "it"]
+
+
+def test_loud_speech_is_echo_only_when_every_word_is_the_bots():
+    bot = set(BOT_SAID.lower().replace(".", "").split())
+    # "sorry" is a near miss of "story": quiet speech like this is taken for the echo...
+    assert floor_words("Sorry, actually.", bot_words=bot) == []
+    # ...but speech louder than the echo could be is the user's.
+    assert floor_words("Sorry, actually.", bot_words=bot, loud=True) == ["sorry", "actually"]
+    assert floor_words("a brave little dragon", bot_words=bot, loud=True) == []
+
+
+class Strategy:
+    """A strategy with its turn starts and pushed frames recorded."""
+
+    def __init__(self, *, bot_peak: float = 0.3):
+        self.voice = BotVoice()
+        self.voice.add_text(BOT_SAID)
+        self.voice.add_playback(bot_peak)
+        self.strategy = BargeInUserTurnStartStrategy(bot_voice=self.voice, min_secs=0.0)
+        self.started = 0
+        self.pushed = []
+
+        async def on_started(strategy, params):
+            self.started += 1
+
+        async def on_push(strategy, frame, direction):
+            self.pushed.append(frame)
+
+        self.strategy.add_event_handler("on_user_turn_started", on_started)
+        self.strategy.add_event_handler("on_push_frame", on_push)
+
+    async def feed(self, *frames):
+        for frame in frames:
+            await self.strategy.process_frame(frame)
+
+    async def user_speaks_over_the_bot(self, *, level: float):
+        samples = np.full(320, int(level * 32767), np.int16).tobytes()
+        await self.feed(
+            BotStartedSpeakingFrame(),
+            InputAudioRawFrame(audio=samples, sample_rate=16000, num_channels=1),
+            VADUserStartedSpeakingFrame(start_secs=0.1),
+        )
+
+
+def interim(text: str) -> InterimTranscriptionFrame:
+    return InterimTranscriptionFrame(text, "user", "now")
+
+
+async def test_speech_over_the_bot_pauses_it_and_a_backchannel_resumes_it():
+    s = Strategy()
+    await s.user_speaks_over_the_bot(level=0.5)
+    assert [type(f) for f in s.pushed] == [PausePlaybackFrame]
+
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await s.feed(TranscriptionFrame("Mhm, okay.", "user", "now"))
+    assert s.started == 0
+    resumes = [f for f in s.pushed if isinstance(f, ResumePlaybackFrame)]
+    assert resumes[-1].after_secs == 0  # the final transcript says: play on now
+
+
+async def test_speech_no_louder_than_the_echo_does_not_pause():
+    s = Strategy(bot_peak=0.9)
+    await s.user_speaks_over_the_bot(level=0.2)
+    assert s.pushed == []
+
+
+async def test_an_interim_word_counts_once_two_passes_agree_on_it():
+    s = Strategy()
+    await s.user_speaks_over_the_bot(level=0.5)
+    # A half-heard "yeah, right" comes out as a word nobody said; the next pass disagrees.
+    await s.feed(interim("Yehirite"), interim("Yeah, right"))
+    assert s.started == 0
+    await s.feed(interim("What time"), interim("What time is it"))
+    assert s.started == 1
