@@ -70,6 +70,7 @@ class WhisperConfig(_Section):
     cpu_threads: int = Field(2, ge=1)
     no_speech_prob: float = Field(0.6, ge=0, le=1)
     fit_window: bool = True
+    speculate_after_secs: float | None = Field(0.12, gt=0)
 
 
 class VoxtralConfig(_Section):
@@ -139,7 +140,11 @@ class Config(BaseSettings):
     """Every knob of the bot; defaults are the embedded offline stack."""
 
     model_config = SettingsConfigDict(
-        env_prefix="VOXBOT_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+        env_prefix="VOXBOT_",
+        env_nested_delimiter="__",
+        env_parse_none_str="null",  # VOXBOT_STT__WHISPER__MODEL_PATH=null, as in the YAML
+        extra="forbid",
+        yaml_file=None,
     )
 
     server: ServerConfig = ServerConfig()

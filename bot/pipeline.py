@@ -56,6 +56,7 @@ def build_stt(config: Config, models: Models, *, bot_voice: BotVoice) -> FramePr
             beam_size=config.stt.whisper.beam_size,
             no_speech_prob=config.stt.whisper.no_speech_prob,
             fit_window=config.stt.whisper.fit_window,
+            speculate_after_secs=config.stt.whisper.speculate_after_secs,
             trailing_silence_secs=config.stt.trailing_silence_secs,
         )
     if models.stt_engine == "voxtral":

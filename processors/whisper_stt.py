@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncGenerator
 
 import ctranslate2
@@ -19,6 +20,7 @@ from pipecat.frames.frames import (
     InterimTranscriptionFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings
@@ -34,6 +36,9 @@ _FIT_PAD_SECS = 1.0
 # Whisper's window is 30 s; longer turns use faster-whisper's own chunking.
 _FIT_MAX_SECS = 28.0
 _TOKENS_PER_SEC = 6
+# A frame quieter than this share of the turn's loudest (and than the floor) is a pause.
+_QUIET_SHARE = 0.05
+_QUIET_FLOOR = 0.01
 
 
 def cut_repetition(tokens: list[int], *, span: int = 3) -> list[int]:
@@ -75,6 +80,7 @@ class WhisperSTTService(SegmentedSTTService):
         interim_secs: float | None = 0.15,
         bot_voice: BotVoice | None = None,
         echo_gate: float = 0.5,
+        speculate_after_secs: float | None = 0.12,
         **kwargs,
     ):
         """Initialize the service.
@@ -96,6 +102,10 @@ class WhisperSTTService(SegmentedSTTService):
             echo_gate: While the bot plays, speech quieter than this share of its
                 level is taken for its echo and not transcribed (the Geigel
                 double-talk test); 0 disables it.
+            speculate_after_secs: After this much quiet in a turn, transcribe what
+                was said so far while the VAD is still confirming the end of the
+                turn; the transcript is used if the user says no more. None waits
+                for the VAD.
             **kwargs: Passed to ``SegmentedSTTService``.
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
@@ -110,6 +120,13 @@ class WhisperSTTService(SegmentedSTTService):
         self._echo_gate = echo_gate
         self._interim_task: asyncio.Task | None = None
         self._interim_mark = 0
+        self._speculate_bytes = int(speculate_after_secs * WHISPER_SAMPLE_RATE * 2) if speculate_after_secs else 0
+        self._speech_peak = 0.0
+        self._quiet_bytes = 0
+        self._speculation: asyncio.Task | None = None
+        self._guess: asyncio.Task | None = None  # the latest pass, stood or not
+        # One entry per segment handed to run_stt, in order: its speculation, if it stood.
+        self._speculations: deque[asyncio.Task | None] = deque()
         self._tokenizer = Tokenizer(
             model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language or "en"
         )
@@ -161,15 +178,41 @@ class WhisperSTTService(SegmentedSTTService):
         return self._tokenizer.decode(cut_repetition(tokens)).strip()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._user_speaking:
+            # Before the base class queues the segment: run_stt takes these in the same order.
+            self._speculations.append(self._speculation)
+            self._speculation = None
         await super().process_frame(frame, direction)
         self._floor.update(frame)
         if isinstance(frame, VADUserStartedSpeakingFrame):
             self._interim_mark = 0
+            self._speech_peak = 0.0
+            self._quiet_bytes = 0
+            self._speculation = None
             self._maybe_interim()
 
     async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
         await super().process_audio_frame(frame, direction)
         self._maybe_interim()
+        self._maybe_speculate(frame.audio)
+
+    def _maybe_speculate(self, audio: bytes):
+        """Transcribe the turn so far once the user falls quiet, before the VAD confirms it."""
+        if not (self._speculate_bytes and self._user_speaking):
+            return
+        samples = np.frombuffer(audio, dtype=np.int16)
+        peak = float(np.abs(samples.astype(np.int32)).max()) / 32768 if samples.size else 0.0
+        if peak > max(_QUIET_FLOOR, _QUIET_SHARE * self._speech_peak):
+            self._speech_peak = max(self._speech_peak, peak)
+            self._quiet_bytes = 0
+            self._speculation = None  # the user went on: that transcript is short of words
+            return
+        self._quiet_bytes += len(audio) * WHISPER_SAMPLE_RATE // self.sample_rate
+        busy = self._speculation is not None or (self._guess and not self._guess.done())
+        if not busy and self._speech_peak and self._quiet_bytes >= self._speculate_bytes:
+            audio = bytes(self._audio_buffer) + self._trailing_silence()
+            # One pass at a time: a pause between words costs at most one wasted pass.
+            self._speculation = self._guess = self.create_task(self._transcribe_pcm(audio))
 
     def _maybe_interim(self):
         """Transcribe the speech so far while the bot has the floor: the words decide a barge-in."""
@@ -195,8 +238,7 @@ class WhisperSTTService(SegmentedSTTService):
         return self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
 
     async def _interim(self, audio: bytes):
-        samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
-        text, language = await asyncio.to_thread(self._transcribe, samples)
+        text, language = await self._transcribe_pcm(audio)
         if text and self._user_speaking:
             await self.push_frame(
                 InterimTranscriptionFrame(text, self._user_id, time_now_iso8601(), language)
@@ -208,14 +250,20 @@ class WhisperSTTService(SegmentedSTTService):
             self._interim_task = None
         await super().cleanup()
 
+    async def _transcribe_pcm(self, audio: bytes) -> tuple[str, str | None]:
+        samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
+        return await asyncio.to_thread(self._transcribe, samples)
+
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
-        """Transcribe one user turn in a worker thread."""
+        """Transcribe one user turn in a worker thread, or take its speculative transcript."""
+        speculation = self._speculations.popleft() if self._speculations else None
         await self.start_processing_metrics()
         try:
-            samples = pcm16_to_float(
-                audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE
-            )
-            text, language = await asyncio.to_thread(self._transcribe, samples)
+            if speculation is not None:
+                # The user said nothing after it: the same audio, up to the quiet.
+                text, language = await speculation
+            else:
+                text, language = await self._transcribe_pcm(audio)
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Whisper STT failed: {e}")

@@ -54,6 +54,11 @@ def test_environment_overrides_nested_keys(monkeypatch, tmp_path):
     assert config.llm.llama_cpp.n_ctx == 1024
 
 
+def test_environment_null_clears_an_optional_key(monkeypatch):
+    monkeypatch.setenv("VOXBOT_STT__WHISPER__SPECULATE_AFTER_SECS", "null")
+    assert load_config().stt.whisper.speculate_after_secs is None
+
+
 def test_voxbot_config_names_the_file(monkeypatch, tmp_path):
     path = _yaml(tmp_path, "server:\n  port: 9123\n")
     monkeypatch.setenv("VOXBOT_CONFIG", str(path))

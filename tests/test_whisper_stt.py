@@ -1,18 +1,25 @@
 """WhisperSTTService on the real bundled Whisper tiny.en, driven like the pipeline drives it."""
 
+import asyncio
+import time
+
 import jiwer
 import numpy as np
 import pytest
 
 from pipecat.frames.frames import (
     ErrorFrame,
+    Frame,
     InputAudioRawFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.pipeline.worker import PipelineParams
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import run_test
+from pipecat.workers.runner import WorkerRunner
 
 from bot.pipeline import build_stt
 from processors.bot_voice import BotVoice
@@ -113,3 +120,96 @@ async def test_detected_language_is_reported_when_none_is_configured(models, spe
 
     assert len(frames) == 1, frames
     assert frames[0].language == "en"
+
+
+class _Transcripts(FrameProcessor):
+    def __init__(self):
+        super().__init__()
+        self.frames: list[TranscriptionFrame] = []
+        self.vad_stopped_at = 0.0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TranscriptionFrame):
+            self.frames.append(frame)
+        await self.push_frame(frame, direction)
+
+
+async def _transcribe_live(stt, audio: np.ndarray, *, sample_rate: int, speech: tuple[float, float]):
+    """Like :func:`_transcribe`, with the frames coming at the pace a microphone sends them."""
+    transcripts = _Transcripts()
+    worker = PipelineWorker(
+        Pipeline([stt, transcripts]),
+        params=PipelineParams(audio_in_sample_rate=sample_rate),
+        cancel_on_idle_timeout=False,
+        enable_rtvi=False,
+    )
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _on_started(worker, frame):
+        started.set()
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        t0 = time.monotonic()
+        fed = 0.0
+        for frame in _vad_frames(audio, sample_rate=sample_rate, speech=speech):
+            if isinstance(frame, VADUserStoppedSpeakingFrame):
+                transcripts.vad_stopped_at = time.monotonic()
+            await worker.queue_frame(frame)
+            if isinstance(frame, InputAudioRawFrame):
+                fed += len(frame.audio) / 2 / sample_rate
+                await asyncio.sleep(max(0.0, t0 + fed - time.monotonic()))
+        for _ in range(100):
+            if transcripts.frames:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.cancel()
+        await asyncio.wait_for(run, 5)
+    return transcripts
+
+
+def _count_passes(stt) -> list[float]:
+    """Spy on the service's transcription passes: when each one started."""
+    heard: list[float] = []
+    transcribe = stt._transcribe
+
+    def counting(samples):
+        heard.append(time.monotonic())
+        return transcribe(samples)
+
+    stt._transcribe = counting
+    return heard
+
+
+async def test_a_turn_is_transcribed_while_the_vad_confirms_its_end(base_config, models, speaker):
+    """The quiet after the speech starts the last transcription: the VAD's stop only collects it."""
+    audio, speech = _utterance(speaker(SENTENCE), sample_rate=16000)
+    stt = build_stt(base_config, models, bot_voice=BotVoice())
+    passes = _count_passes(stt)
+
+    heard = await _transcribe_live(stt, audio, sample_rate=16000, speech=speech)
+
+    assert passes[-1] < heard.vad_stopped_at, "the last pass started before the VAD stopped"
+    [frame] = heard.frames
+    assert jiwer.wer(_normalize(SENTENCE), _normalize(frame.text)) == 0, frame.text
+
+
+async def test_speech_after_a_short_pause_discards_the_early_transcript(base_config, models, speaker):
+    """A pause shorter than the VAD's stop starts a transcription; the words after it must count."""
+    first, rest = "I would like to book", "a table for two."
+    pause = silence(0.15, sample_rate=16000)
+    audio, speech = _utterance(np.concatenate([speaker(first), pause, speaker(rest)]), sample_rate=16000)
+    stt = build_stt(base_config, models, bot_voice=BotVoice())
+    passes = _count_passes(stt)
+
+    heard = await _transcribe_live(stt, audio, sample_rate=16000, speech=speech)
+
+    assert len(passes) >= 2, passes  # the early one, then the whole turn
+    [frame] = heard.frames
+    assert _normalize(frame.text).endswith("table for two"), frame.text
