@@ -211,10 +211,11 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         """Stop talking over the user while their words are heard out."""
         horizon = time.monotonic() - 0.3
         mic_peak = max((p for t, p in self._mic_peaks if t >= horizon), default=0.0)
-        self._loud = self._echo_gate > 0 and not self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
+        maybe_echo = self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
+        self._loud = self._echo_gate > 0 and not maybe_echo
         if not (self._pause_playback and self._enable_interruptions and self._floor.bot_speaking):
             return
-        if not self._loud and self._echo_gate > 0:
+        if maybe_echo:
             logger.debug(f"{self}: speech at {mic_peak:.2f} may be the bot's echo: playing on")
             return
         logger.debug(f"{self}: pausing playback while the user's words are heard")

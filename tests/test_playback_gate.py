@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from pipecat.frames.frames import Frame, InterruptionFrame, TTSAudioRawFrame, TTSTextFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
 
 from transports.playback_gate import PausePlaybackFrame, PlaybackGate, ResumePlaybackFrame
+from tests.live_pipeline import running
 from transports.scripted import SILENCE_LEVEL, ScriptedTransport
 
 RATE = 24000
@@ -87,27 +86,6 @@ class Speaker(FrameProcessor):
         return start
 
 
-async def _running(transport: ScriptedTransport):
-    speaker, arrivals = Speaker(), Arrivals()
-    worker = PipelineWorker(
-        Pipeline([speaker, transport.output(), arrivals]),
-        params=PipelineParams(audio_out_sample_rate=RATE),
-        cancel_on_idle_timeout=False,
-        enable_rtvi=False,
-    )
-    started = asyncio.Event()
-
-    @worker.event_handler("on_pipeline_started")
-    async def _on_started(worker, frame):
-        started.set()
-
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.create_task(runner.run())
-    await asyncio.wait_for(started.wait(), 5)
-    return worker, speaker, arrivals, run
-
-
 def _sound_spans(transport: ScriptedTransport) -> list[tuple[float, float]]:
     """(start, end) of each stretch of continuous bot sound on the recording."""
     spans: list[list[float]] = []
@@ -125,12 +103,10 @@ def _sound_spans(transport: ScriptedTransport) -> list[tuple[float, float]]:
 @asynccontextmanager
 async def _pipeline():
     transport = ScriptedTransport(cues=[], out_sample_rate=RATE)
-    worker, speaker, arrivals, run = await _running(transport)
-    try:
+    speaker, arrivals = Speaker(), Arrivals()
+    params = PipelineParams(audio_out_sample_rate=RATE)
+    async with running([speaker, transport.output(), arrivals], params=params) as worker:
         yield transport, worker, speaker, arrivals
-    finally:
-        await worker.cancel()
-        await asyncio.wait_for(run, 5)
 
 
 async def test_paused_audio_is_held_then_played_in_full_and_its_words_wait_with_it():

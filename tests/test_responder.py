@@ -4,7 +4,6 @@ import asyncio
 import time
 
 from pipecat.frames.frames import (
-    EndFrame,
     ErrorFrame,
     InterruptionFrame,
     LLMContextFrame,
@@ -12,14 +11,12 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMTextFrame,
 )
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import run_test
-from pipecat.workers.runner import WorkerRunner
 
 from processors.responder import _GRACE_TOKENS, SENTENCE_ENDS, LlamaCppLLMService
+from tests.live_pipeline import running
 
 STORYTELLER = "You are a storyteller. Tell long, detailed stories with many characters."
 
@@ -89,22 +86,6 @@ class Recorder(FrameProcessor):
         return kinds[i + 1 :]
 
 
-async def _started(service, lock) -> tuple[PipelineWorker, Recorder, asyncio.Task]:
-    recorder = Recorder(lock)
-    worker = PipelineWorker(Pipeline([service, recorder]), cancel_on_idle_timeout=False, enable_rtvi=False)
-    started = asyncio.Event()
-
-    @worker.event_handler("on_pipeline_started")
-    async def _on_started(worker, frame):
-        started.set()
-
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.create_task(runner.run())
-    await asyncio.wait_for(started.wait(), 5)
-    return worker, recorder, run
-
-
 async def _lock_free_within(lock, seconds: float) -> float | None:
     """Seconds until ``lock`` could be taken (then released again), or None."""
     start = time.monotonic()
@@ -155,8 +136,8 @@ async def test_interruption_stops_the_generating_thread_at_the_next_token(models
     """Barge-in: no CPU keeps burning on a dead reply, and the model is free for the next turn."""
     spy = CountingLlama(models.llm)
     service = _service(models, system_prompt=STORYTELLER, max_tokens=400, llm=spy)
-    worker, recorder, run = await _started(service, models.llm_lock)
-    try:
+    recorder = Recorder(models.llm_lock)
+    async with running([service, recorder], end=True) as worker:
         await worker.queue_frame(LLMContextFrame(context=_context("Tell me a long story about a dragon and a knight.")))
         await asyncio.wait_for(recorder.first_text.wait(), 20)
         await asyncio.sleep(0.2)
@@ -170,9 +151,6 @@ async def test_interruption_stops_the_generating_thread_at_the_next_token(models
         await asyncio.wait_for(recorder.interrupted.wait(), 5)
         passed_at = next(t for t, f in recorder.frames if isinstance(f, InterruptionFrame))
         await asyncio.sleep(0.3)
-    finally:
-        await worker.queue_frame(EndFrame())
-        await asyncio.wait_for(run, 10)
 
     # The interruption leaves the service only once the thread has stopped...
     assert recorder.lock_held_at_interruption is False
@@ -188,26 +166,25 @@ async def test_interruption_while_waiting_for_the_shared_model_is_immediate(mode
     """Another session holds the model: a barge-in must not wait for that session's reply."""
     spy = CountingLlama(models.llm)
     service = _service(models, system_prompt=STORYTELLER, max_tokens=48, llm=spy)
-    worker, recorder, run = await _started(service, models.llm_lock)
+    recorder = Recorder(models.llm_lock)
     models.llm_lock.acquire()  # another session is generating
     held = True
     try:
-        await worker.queue_frame(LLMContextFrame(context=_context("Tell me a story.")))
-        await asyncio.sleep(0.2)
-        interrupted_at = time.monotonic()
-        await worker.queue_frame(InterruptionFrame())
-        await asyncio.wait_for(recorder.interrupted.wait(), 5)
-        passed_after = time.monotonic() - interrupted_at
+        async with running([service, recorder], end=True) as worker:
+            await worker.queue_frame(LLMContextFrame(context=_context("Tell me a story.")))
+            await asyncio.sleep(0.2)
+            interrupted_at = time.monotonic()
+            await worker.queue_frame(InterruptionFrame())
+            await asyncio.wait_for(recorder.interrupted.wait(), 5)
+            passed_after = time.monotonic() - interrupted_at
 
-        models.llm_lock.release()  # the other session finishes
-        held = False
-        await asyncio.sleep(0.3)
-        calls_after_release = spy.calls
+            models.llm_lock.release()  # the other session finishes
+            held = False
+            await asyncio.sleep(0.3)
+            calls_after_release = spy.calls
     finally:
         if held:
             models.llm_lock.release()
-        await worker.queue_frame(EndFrame())
-        await asyncio.wait_for(run, 10)
 
     assert passed_after < 0.5, passed_after
     assert calls_after_release == 0, "the cancelled reply still ran once the model was free"

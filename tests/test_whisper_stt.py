@@ -15,16 +15,15 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import run_test
-from pipecat.workers.runner import WorkerRunner
 
 from bot.pipeline import build_stt
 from processors.bot_voice import BotVoice
 from processors.whisper_stt import WhisperSTTService
 from tests.conftest import silence
+from tests.live_pipeline import running
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 FRAME_SECS = 0.02
@@ -138,23 +137,7 @@ class _Transcripts(FrameProcessor):
 async def _transcribe_live(stt, audio: np.ndarray, *, sample_rate: int, speech: tuple[float, float]):
     """Like :func:`_transcribe`, with the frames coming at the pace a microphone sends them."""
     transcripts = _Transcripts()
-    worker = PipelineWorker(
-        Pipeline([stt, transcripts]),
-        params=PipelineParams(audio_in_sample_rate=sample_rate),
-        cancel_on_idle_timeout=False,
-        enable_rtvi=False,
-    )
-    started = asyncio.Event()
-
-    @worker.event_handler("on_pipeline_started")
-    async def _on_started(worker, frame):
-        started.set()
-
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(started.wait(), 5)
+    async with running([stt, transcripts], params=PipelineParams(audio_in_sample_rate=sample_rate)) as worker:
         t0 = time.monotonic()
         fed = 0.0
         for frame in _vad_frames(audio, sample_rate=sample_rate, speech=speech):
@@ -168,9 +151,6 @@ async def _transcribe_live(stt, audio: np.ndarray, *, sample_rate: int, speech: 
             if transcripts.frames:
                 break
             await asyncio.sleep(0.05)
-    finally:
-        await worker.cancel()
-        await asyncio.wait_for(run, 5)
     return transcripts
 
 
