@@ -89,7 +89,7 @@ async def _run_stack(
 ) -> StackResult:
     stack = StackResult()
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    for _ in range(repeat):
+    for round_ in range(repeat):
         for scenario in scenarios:
             progress.set_postfix_str(f"{name}: {scenario.name}")
             results = await asyncio.gather(
@@ -99,7 +99,7 @@ async def _run_stack(
                         models=models,
                         cues=build_cues(scenario, speaker=speaker, sample_rate=config.audio.in_sample_rate),
                         echo_gain=scenario.echo_gain,
-                        session_id=f"bench-{run_id}-{name}-{scenario.name}-{i}",
+                        session_id=f"bench-{run_id}-{name}-{scenario.name}-r{round_}-s{i}",
                         build=build,
                     )
                     for i in range(sessions)

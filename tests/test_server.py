@@ -221,3 +221,29 @@ async def test_refusals_full_server_and_foreign_origin(base_config, models):
         await wait_for_status(host, lambda s: s["active_sessions"] == 0, "the session to end")
         async with session(host, origin="http://voxbot.test"):
             pass
+
+
+STORY = "Tell me a long story about a brave little dragon."
+
+
+@pytest.mark.parametrize(
+    ("over_the_bot", "then"),
+    [("Wait, stop. What is two plus two?", "interrupt"), ("Okay.", "resume")],
+    ids=["barge-in", "backchannel"],
+)
+async def test_talking_over_the_bot_pauses_the_page_then_flushes_or_resumes_it(server, speaker, over_the_bot, then):
+    """The page is told to hold its playback at once; words then flush it or let it play on."""
+    story = np.concatenate([silence(0.3, sample_rate=RATE), speaker(STORY, sample_rate=RATE), silence(1.0, sample_rate=RATE)])
+    async with session(server) as client:
+        await client.stream(story)
+        await client.until(lambda: loud(client.audio), "bot audio")
+        await client.stream(np.concatenate([speaker(over_the_bot, sample_rate=RATE), silence(1.5, sample_rate=RATE)]))
+        await client.until(lambda: client.of_type(then), f"{then!r} after the pause")
+
+    # Every user turn flushes the page (an "interrupt"), even while the bot is silent.
+    kinds = [e["type"] for e in client.events if e["type"] in ("pause", "resume", "interrupt")]
+    assert "pause" in kinds, kinds
+    after_pause = kinds[kinds.index("pause") + 1 :]
+    assert after_pause and after_pause[0] == then, kinds
+    if then == "resume":
+        assert "interrupt" not in after_pause, kinds
