@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from loguru import logger
 
 from pipecat.frames.frames import (
@@ -37,6 +36,8 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transports.base_output import BaseOutputTransport
 
+from processors.audio_level import pcm_peak
+
 # Stage name -> (from event, to event); each is a duration in the trace.
 STAGES = {
     "endpointing_ms": ("user_speech_end_ms", "transcript_ms"),
@@ -46,8 +47,8 @@ STAGES = {
     "output_ms": ("first_tts_audio_ms", "first_audio_out_ms"),
 }
 
-# Input audio whose peak stays under this (int16, about -50 dBFS) is silence.
-_SILENCE_PEAK = 100
+# Audio whose peak stays under this (about -50 dBFS) is silence.
+_SILENCE_PEAK = 100 / 32768
 # A frame this many times louder than the quiet the VAD confirmed is still speech.
 _SPEECH_OVER_QUIET = 4.0
 # How far before the VAD's own bound the onset of speech is looked for.
@@ -56,9 +57,9 @@ _ONSET_LOOKBACK_MS = 400.0
 _LEVELS_KEPT = 200
 
 
-def _peak(audio: bytes) -> int:
-    samples = np.frombuffer(audio, dtype=np.int16)
-    return max(int(samples.max()), -int(samples.min())) if samples.size else 0
+def _speech_level(quiet: list[float]) -> float:
+    """A frame louder than this stands out from the ``quiet`` around it as speech."""
+    return max(_SILENCE_PEAK, statistics.median(quiet) * _SPEECH_OVER_QUIET) if quiet else _SILENCE_PEAK
 
 
 @dataclass
@@ -153,7 +154,7 @@ class LatencyTracer(BaseObserver):
         # When the last audible bot audio frame left the output transport.
         self._last_audio_out_ms: float | None = None
         # (push time in ms, peak level) of recent input audio frames.
-        self._levels: deque[tuple[float, int]] = deque(maxlen=_LEVELS_KEPT)
+        self._levels: deque[tuple[float, float]] = deque(maxlen=_LEVELS_KEPT)
 
     @property
     def path(self) -> Path | None:
@@ -172,7 +173,7 @@ class LatencyTracer(BaseObserver):
                 self._current.bot_text += " " + frame.text
             return
         if isinstance(frame, OutputAudioRawFrame) and isinstance(data.source, BaseOutputTransport):
-            if _peak(frame.audio) > _SILENCE_PEAK:
+            if pcm_peak(frame.audio) > _SILENCE_PEAK:
                 # The frame is pushed on once written: its audio ends about now.
                 self._last_audio_out_ms = t
             return
@@ -181,7 +182,7 @@ class LatencyTracer(BaseObserver):
             return
 
         if isinstance(frame, InputAudioRawFrame):
-            self._levels.append((t, _peak(frame.audio)))
+            self._levels.append((t, pcm_peak(frame.audio)))
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_start_ms = t
         elif isinstance(frame, UserStartedSpeakingFrame):
@@ -240,7 +241,7 @@ class LatencyTracer(BaseObserver):
         quiet = [peak for t, peak in self._levels if t > bound]
         if not quiet:
             return bound
-        threshold = max(_SILENCE_PEAK, statistics.median(quiet) * _SPEECH_OVER_QUIET)
+        threshold = _speech_level(quiet)
         since = self._speech_start_ms if self._speech_start_ms is not None else bound
         for t, peak in reversed(self._levels):
             if t < since:
@@ -280,7 +281,7 @@ class LatencyTracer(BaseObserver):
         bound = vad_start_ms - self._vad_start_secs * 1000
         earliest = bound - _ONSET_LOOKBACK_MS
         quiet = [peak for t, peak in self._levels if t < earliest]
-        threshold = max(_SILENCE_PEAK, statistics.median(quiet) * _SPEECH_OVER_QUIET) if quiet else _SILENCE_PEAK
+        threshold = _speech_level(quiet)
         onset = bound
         for t, peak in reversed(self._levels):
             if t > vad_start_ms:

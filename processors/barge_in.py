@@ -25,8 +25,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from loguru import logger
 
 from pipecat.frames.frames import (
@@ -44,6 +42,7 @@ from pipecat.frames.frames import (
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
 
+from processors.audio_level import pcm_peak
 from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
 if TYPE_CHECKING:
@@ -187,9 +186,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
         self._floor.update(frame)
         if isinstance(frame, InputAudioRawFrame):
-            samples = np.frombuffer(frame.audio, dtype=np.int16)
-            if samples.size:
-                self._mic_peaks.append((time.monotonic(), float(np.abs(samples.astype(np.int32)).max()) / 32768))
+            self._mic_peaks.append((time.monotonic(), pcm_peak(frame.audio)))
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._speech_onset is not None:
             self._last_speech_secs = time.monotonic() - frame.stop_secs - self._speech_onset
             self._speech_onset = None

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import numpy as np
-
 from pipecat.frames.frames import Frame, OutputAudioRawFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from processors.audio_level import pcm_peak
 from processors.barge_in import words_of
 
 
@@ -73,6 +72,5 @@ class PlaybackMonitor(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, OutputAudioRawFrame) and frame.audio:
-            samples = np.frombuffer(frame.audio, dtype=np.int16)
-            self._bot_voice.add_playback(float(np.max(np.abs(samples.astype(np.int32)))) / 32768)
+            self._bot_voice.add_playback(pcm_peak(frame.audio))
         await self.push_frame(frame, direction)

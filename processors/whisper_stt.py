@@ -27,6 +27,7 @@ from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.time import time_now_iso8601
 
+from processors.audio_level import pcm_peak
 from processors.barge_in import Floor
 from processors.bot_voice import BotVoice
 
@@ -200,8 +201,7 @@ class WhisperSTTService(SegmentedSTTService):
         """Transcribe the turn so far once the user falls quiet, before the VAD confirms it."""
         if not (self._speculate_bytes and self._user_speaking):
             return
-        samples = np.frombuffer(audio, dtype=np.int16)
-        peak = float(np.abs(samples.astype(np.int32)).max()) / 32768 if samples.size else 0.0
+        peak = pcm_peak(audio)
         if peak > max(_QUIET_FLOOR, _QUIET_SHARE * self._speech_peak):
             self._speech_peak = max(self._speech_peak, peak)
             self._quiet_bytes = 0
@@ -233,8 +233,7 @@ class WhisperSTTService(SegmentedSTTService):
         """Whether the latest speech is no louder than the bot's own voice would echo."""
         if not (self._bot_voice and self._echo_gate and self._floor.bot_speaking):
             return False
-        recent = np.frombuffer(bytes(self._audio_buffer[-int(0.3 * self.sample_rate) * 2 :]), dtype=np.int16)
-        mic_peak = float(np.max(np.abs(recent.astype(np.int32)))) / 32768 if recent.size else 0.0
+        mic_peak = pcm_peak(bytes(self._audio_buffer[-int(0.3 * self.sample_rate) * 2 :]))
         return self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
 
     async def _interim(self, audio: bytes):

@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
@@ -100,27 +99,23 @@ def _sound_spans(transport: ScriptedTransport) -> list[tuple[float, float]]:
     return [tuple(s) for s in spans]
 
 
-@asynccontextmanager
-async def _pipeline():
+async def _speak_pause_then(then: Frame, *, paused_secs: float, settle_secs: float):
+    """The bot speaks; 0.3 s in its playback pauses, and ``paused_secs`` later ``then`` comes."""
     transport = ScriptedTransport(cues=[], out_sample_rate=RATE)
     speaker, arrivals = Speaker(), Arrivals()
     params = PipelineParams(audio_out_sample_rate=RATE)
     async with running([speaker, transport.output(), arrivals], params=params) as worker:
-        yield transport, worker, speaker, arrivals
+        start = await speaker.say(word_at_secs=0.5)
+        await asyncio.sleep(0.3)
+        await worker.queue_frame(PausePlaybackFrame(max_secs=5.0))
+        await asyncio.sleep(paused_secs)
+        await worker.queue_frame(then)
+        await asyncio.sleep(settle_secs)
+    return transport, arrivals, start
 
 
 async def test_paused_audio_is_held_then_played_in_full_and_its_words_wait_with_it():
-    async with _pipeline() as (transport, worker, speaker, arrivals):
-        await _pause_and_resume(worker, speaker, transport, arrivals)
-
-
-async def _pause_and_resume(worker, speaker, transport, arrivals):
-    start = await speaker.say(word_at_secs=0.5)
-    await asyncio.sleep(0.3)
-    await worker.queue_frame(PausePlaybackFrame(max_secs=5.0))
-    await asyncio.sleep(0.4)
-    await worker.queue_frame(ResumePlaybackFrame())
-    await asyncio.sleep(1.2)
+    transport, arrivals, start = await _speak_pause_then(ResumePlaybackFrame(), paused_secs=0.4, settle_secs=1.2)
 
     spans = _sound_spans(transport)
     assert len(spans) == 2, spans  # spoke, held, spoke on
@@ -134,13 +129,7 @@ async def _pause_and_resume(worker, speaker, transport, arrivals):
 
 
 async def test_an_interruption_while_paused_drops_the_rest_of_the_reply():
-    async with _pipeline() as (transport, worker, speaker, arrivals):
-        await speaker.say(word_at_secs=0.5)
-        await asyncio.sleep(0.3)
-        await worker.queue_frame(PausePlaybackFrame(max_secs=5.0))
-        await asyncio.sleep(0.3)
-        await worker.queue_frame(InterruptionFrame())
-        await asyncio.sleep(1.0)
+    transport, arrivals, _ = await _speak_pause_then(InterruptionFrame(), paused_secs=0.3, settle_secs=1.0)
 
     spans = _sound_spans(transport)
     assert len(spans) == 1, spans

@@ -118,17 +118,14 @@ class PlaybackGate:
 class PausableOutputMixin:
     """For output transports: pause and resume playback on the frames above.
 
-    A subclass calls :meth:`admit_audio` first thing in ``write_audio_frame``
-    and writes nothing when it returns False.
+    A subclass awaits ``self.playback_gate.admit()`` first thing in
+    ``write_audio_frame`` and writes nothing when it returns False.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.playback_gate = PlaybackGate()
         self._pause_task: asyncio.Task | None = None
-
-    async def admit_audio(self) -> bool:
-        return await self.playback_gate.admit()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, PausePlaybackFrame):

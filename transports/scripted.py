@@ -256,7 +256,7 @@ class ScriptedOutputTransport(PausableOutputMixin, BaseOutputTransport):
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if self.playback_gate.paused:
-            if not await self.admit_audio():
+            if not await self.playback_gate.admit():
                 return False
             self._next_play = 0.0  # held on purpose: the gap is no underrun
         now = self._clock.now()

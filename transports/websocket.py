@@ -157,7 +157,7 @@ class PausableWebsocketOutputTransport(PausableOutputMixin, FastAPIWebsocketOutp
     """Holds the audio while the user may be barging in, and tells the page to hold its own."""
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
-        if not await self.admit_audio():
+        if not await self.playback_gate.admit():
             return False
         return await super().write_audio_frame(frame)
 
