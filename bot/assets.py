@@ -131,6 +131,21 @@ def kokoro_model_path(configured: Path | None = None) -> Path:
     return out
 
 
+def kokoro_split_paths(model: Path) -> tuple[Path, Path]:
+    """Kokoro's front and decoder halves (see processors/kokoro_stream.py), cut once and cached.
+
+    Keyed by the model's file name, which for the bundled model carries its sha256.
+    """
+    from processors.kokoro_stream import split_kokoro_model, split_paths
+
+    folder = cache_dir()
+    front, decoder = split_paths(model, folder)
+    if front.exists() and decoder.exists():
+        return front, decoder
+    logger.info(f"Cutting {model.name} into its front and decoder, in {folder}")
+    return split_kokoro_model(model, folder)
+
+
 def voxtral_model_dir(*, model_id: str, configured: Path | None = None) -> Path:
     """A Voxtral checkpoint from a local folder or the local HF cache, never the hub."""
     fix = (

@@ -76,6 +76,7 @@ def prepare(config_path: Path | None = ConfigOption):
     config = _config(config_path)
     models = _load_models(config)
     typer.echo(json.dumps({"prepared": models.describe()}, indent=2))
+    typer.echo(models.synthesis_speed.describe())
 
 
 @app.command()
@@ -119,6 +120,17 @@ def bench(
 
     if baseline not in (None, "stock"):
         raise typer.BadParameter("only 'stock' is supported", param_hint="--baseline")
+    if baseline == "stock":
+        try:
+            import bot.stock  # noqa: F401  (pipecat's own services, with their own needs)
+        except ImportError as e:
+            typer.secho(
+                f"voxbot bench --baseline stock needs pipecat's stock services ({e}): "
+                "pip install 'pipecat-ai[kokoro,whisper,openai]'",
+                fg="red",
+                err=True,
+            )
+            raise typer.Exit(3)
     config = _config(config_path, log_level="WARNING")
     scenarios = load_scenarios(scenarios_dir or DEFAULT_SCENARIOS, names=names or None)
     models = _load_models(config)
@@ -128,14 +140,25 @@ def bench(
     if as_json:
         typer.echo(json.dumps(summary))
         return
+    m = summary["machine"]
+    typer.echo(
+        f"machine: {m['cpu']}, {m['cores']} cores; Kokoro real-time factor {m['tts_real_time_factor_at_start']}"
+        f" at start, {m['tts_real_time_factor']} at the end"
+    )
     for name in ("ours", "stock"):
         if name in summary:
             s = summary[name]
             typer.echo(
                 f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns;"
                 f" barge-in stop p50 {s['barge_in_stop_p50_ms']} ms ({s['barge_in_missed']} missed);"
-                f" {s['false_stops']} false stops; underruns per session {s['underruns_per_session']}"
+                f" {s['false_stops']} false stops; {s['turns_with_holes_over_150ms']} replies with a hole"
+                f" over 150 ms (longest {s['longest_hole_ms']} ms)"
             )
+            for t in s["per_turn"]:
+                typer.echo(
+                    f"       {t['scenario']}: {t['voice_to_voice_ms']} ms, {t['holes']} holes"
+                    f" (longest {t['longest_hole_ms']} ms)"
+                )
     if "ratio_p50" in summary:
         typer.echo(f"ours/stock p50 ratio: {summary['ratio_p50']}")
     typer.echo(f"peak RSS {summary['rss_mb']} MB, {summary['sessions']} session(s) at once")

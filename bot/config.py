@@ -129,6 +129,9 @@ class TTSConfig(_Section):
     threads: int = Field(2, ge=1)
     peak_limit: float = Field(0.95, gt=0, le=1)
     first_clause_words: tuple[int, int] | None = (2, 4)
+    first_chunk_frames: int = Field(16, ge=4)
+    min_chunk_frames: int = Field(12, ge=4)
+    max_buffer_secs: float = Field(30.0, ge=0)
 
 
 class TracingConfig(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from loguru import logger
@@ -67,6 +67,8 @@ class TurnResult:
     trace_voice_to_voice_ms: float | None
     interrupted: bool
     trace: TurnTrace
+    # Gaps (ms) where the bot's voice ran dry inside this reply: synthesis fell behind.
+    holes_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ConversationResult:
                     "bot_text": t.bot_text,
                     "voice_to_voice_ms": t.voice_to_voice_ms,
                     "interrupted": t.interrupted,
+                    "holes_ms": t.holes_ms,
                 }
                 for t in self.turns
             ]
@@ -107,7 +110,7 @@ async def run_conversation(
     cues: list[Cue],
     echo_gain: float = 0.0,
     settle_secs: float = 1.5,
-    max_tail_secs: float = 15.0,
+    max_tail_secs: float = 90.0,
     session_id: str | None = None,
     build=build_bot,
     observers: list[BaseObserver] | None = None,
@@ -156,13 +159,15 @@ async def run_conversation(
     turns = []
     ends = [c.speech_end for c in cues if c.speech_end is not None]
     for trace in tracer.turns:
-        measured = None
+        measured, holes = None, []
         if trace.user_speech_end_ms is not None and trace.first_audio_out_ms is not None and ends:
             estimate = (trace.user_speech_end_ms - offset_ms) / 1000
             end = min(ends, key=lambda e: abs(e - estimate))
             sound = rec.first_sound_after(end)
             if sound is not None:
                 measured = round((sound - end) * 1000, 1)
+                bot_end = (trace.bot_end_ms - offset_ms) / 1000 if trace.bot_end_ms else float("inf")
+                holes = [round(g * 1000, 1) for g in rec.holes_between(sound, bot_end + 0.1)]
         turns.append(
             TurnResult(
                 user_text=trace.user_text,
@@ -171,6 +176,7 @@ async def run_conversation(
                 trace_voice_to_voice_ms=trace.voice_to_voice_ms,
                 interrupted=trace.interrupted,
                 trace=trace,
+                holes_ms=holes,
             )
         )
     return ConversationResult(

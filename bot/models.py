@@ -12,6 +12,7 @@ from loguru import logger
 
 from bot import assets
 from bot.config import Config
+from processors.compute_budget import ComputeBudget
 
 
 @dataclass
@@ -28,6 +29,12 @@ class Models:
     llm: Any = None
     llm_lock: threading.Lock = field(default_factory=threading.Lock)
     kokoro: Any = None
+    # processors.kokoro_stream.KokoroStream: Kokoro split at its decoder, for streamed synthesis.
+    kokoro_stream: Any = None
+    # How fast this machine synthesizes (processors.synthesis_speed), measured at load.
+    synthesis_speed: Any = None
+    # Who computes next on the cores (processors.compute_budget), shared by every session.
+    budget: ComputeBudget = field(default_factory=ComputeBudget)
     load_seconds: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> dict:
@@ -40,6 +47,12 @@ class Models:
                 "gpu_memory_bytes": (
                     self.voxtral.gpu_memory_bytes() if self.voxtral is not None else None
                 ),
+            },
+            "tts": {
+                "real_time_factor": (
+                    round(self.synthesis_speed.real_time_factor, 3) if self.synthesis_speed else None
+                ),
+                "speed": self.synthesis_speed.describe() if self.synthesis_speed else None,
             },
             "load_seconds": self.load_seconds,
         }
@@ -158,6 +171,14 @@ def load_kokoro(config: Config):
     return kokoro
 
 
+def load_kokoro_stream(config: Config, kokoro):
+    """Kokoro cut at its decoder's inputs (cut once, then cached), sharing ``kokoro``'s voices."""
+    from processors.kokoro_stream import load_kokoro_stream as load
+
+    front, decoder = assets.kokoro_split_paths(assets.kokoro_model_path(config.tts.model_path))
+    return load(kokoro=kokoro, front_path=front, decoder_path=decoder, threads=config.tts.threads)
+
+
 def load_models(config: Config) -> Models:
     """Load (and warm) every model the config asks for.
 
@@ -182,7 +203,12 @@ def load_models(config: Config) -> Models:
     if config.llm.engine == "llama_cpp":
         models.llm = _timed("llama_cpp", seconds, lambda: load_llama(config))
     models.kokoro = _timed("kokoro", seconds, lambda: load_kokoro(config))
+    models.kokoro_stream = _timed("kokoro_stream", seconds, lambda: load_kokoro_stream(config, models.kokoro))
     _timed("warmup", seconds, lambda: warm_up(models, config))
+    models.synthesis_speed = _timed(
+        "synthesis_speed", seconds, lambda: models.kokoro_stream.measure_speed(voice=config.tts.voice)
+    )
+    logger.info(models.synthesis_speed.describe())
     return models
 
 
@@ -206,5 +232,4 @@ def warm_up(models: Models, config: Config) -> None:
                 ],
                 max_tokens=1,
             )
-    if models.kokoro is not None:
-        models.kokoro.create("Hello.", config.tts.voice, lang=config.tts.lang)
+    # Kokoro is warmed by measuring its speed (load_models), on the halves that serve.

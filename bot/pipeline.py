@@ -57,6 +57,7 @@ def build_stt(config: Config, models: Models, *, bot_voice: BotVoice) -> FramePr
             no_speech_prob=config.stt.whisper.no_speech_prob,
             fit_window=config.stt.whisper.fit_window,
             speculate_after_secs=config.stt.whisper.speculate_after_secs,
+            budget=models.budget,
             trailing_silence_secs=config.stt.trailing_silence_secs,
         )
     if models.stt_engine == "voxtral":
@@ -88,6 +89,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
         return LlamaCppLLMService(
             llm=models.llm,
             lock=models.llm_lock,
+            budget=models.budget,
             system_prompt=config.llm.system_prompt,
             max_tokens=config.llm.max_tokens,
             temperature=config.llm.temperature,
@@ -172,13 +174,17 @@ def build_pipeline(
         ),
     )
     tts = KokoroTTSService(
-        kokoro=models.kokoro,
+        kokoro=models.kokoro_stream,
+        budget=models.budget,
+        speed_model=models.synthesis_speed,
         voice=config.tts.voice,
         lang=config.tts.lang,
         speed=config.tts.speed,
         peak_limit=config.tts.peak_limit,
         first_clause_words=config.tts.first_clause_words,
-        bot_voice=bot_voice,
+        first_chunk_frames=config.tts.first_chunk_frames,
+        min_chunk_frames=config.tts.min_chunk_frames,
+        max_buffer_secs=config.tts.max_buffer_secs,
     )
     pipeline = Pipeline(
         [

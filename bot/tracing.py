@@ -27,6 +27,7 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
+    TTSStoppedFrame,
     TTSTextFrame,
     UserStartedSpeakingFrame,
     VADUserStartedSpeakingFrame,
@@ -177,6 +178,13 @@ class LatencyTracer(BaseObserver):
                 # The frame is pushed on once written: its audio ends about now.
                 self._last_audio_out_ms = t
             return
+        if isinstance(frame, TTSStoppedFrame) and isinstance(data.source, BaseOutputTransport):
+            # Pushed on once the reply's last audio was written: the reply is over. (pipecat
+            # also reports the bot stopped after a few seconds' gap in its voice; the reply goes on.)
+            if self._current and self._current.first_audio_out_ms is not None:
+                self._current.bot_end_ms = t
+                self._close_turn()
+            return
         # Turn frames are broadcast both ways; the downstream copy is the one to count.
         if not data.first_push or data.direction != FrameDirection.DOWNSTREAM:
             return
@@ -222,10 +230,6 @@ class LatencyTracer(BaseObserver):
             turn.tts_start_ms = turn.tts_start_ms or t
         elif isinstance(frame, TTSAudioRawFrame):
             turn.first_tts_audio_ms = turn.first_tts_audio_ms or t
-        elif isinstance(frame, BotStoppedSpeakingFrame):
-            if turn.first_audio_out_ms is not None:
-                turn.bot_end_ms = t
-                self._close_turn()
 
     def _speech_end_ms(self, *, vad_stop_ms: float) -> float:
         """When the user stopped speaking, judged on the audio the bot received.

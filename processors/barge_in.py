@@ -7,14 +7,17 @@ decide: a backchannel ("mhm", "okay"), a noise or breath that yields no words,
 or the bot's own voice coming back through an open microphone (its words match
 what the bot just said) leave the bot alone. Other words are a barge-in once the
 user has spoken for ``min_secs``: Whisper tiny hears a hummed "mhm" as words
-("I made"), but a backchannel is short. An interim transcript of speech still
+("I made"), but a backchannel is short. "Wait" or "stop" is short too, and always
+takes the floor. An interim transcript of speech still
 going on ends in half-heard words ("Yehirite" for "yeah, right"), so only words
 that two passes in a row agree on count; a final transcript counts as it is.
 
 Words take the better part of a second to hear, and a bot that talks on over
 the user for that long feels broken. So playback pauses as soon as the VAD
-hears the user while the bot speaks (unless the sound is no louder than the
-bot's own echo), and resumes if the words do not claim the floor.
+hears the user while the bot holds the floor (unless the sound is no louder than
+the bot's own echo), and resumes if the words do not claim the floor: a reply
+about to start waits too, so a user going on after a pause mid-sentence is not
+answered after two words.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ BACKCHANNELS = frozenset(
 )
 
 
+# Words that ask the bot to stop: they take the floor however briefly they are said.
+STOP_WORDS = frozenset("stop wait hold pause quiet".split())
+
+
 FUNCTION_WORDS = frozenset(
     "a an the and or but of to in on at for with by from as is are was were be been it its "
     "this that these those he she they we you i me my your his her their our us them there "
@@ -68,19 +75,35 @@ def words_of(text: str) -> list[str]:
 
 
 class Floor:
-    """Who holds the conversational floor, read from the turn frames both ways."""
+    """Who holds the conversational floor, read from the turn frames both ways.
 
-    def __init__(self):
-        self.bot_has_it = False  # thinking or speaking
-        self.bot_speaking = False
+    A reply that is playing holds it to its last audio (``BotVoice.reply_playing``),
+    even where pipecat reports the bot stopped speaking in a gap of its voice.
+    """
+
+    def __init__(self, *, bot_voice: BotVoice | None = None):
+        self._bot_voice = bot_voice
+        self._has_it = False  # thinking or speaking
+        self._speaking = False
+
+    @property
+    def bot_has_it(self) -> bool:
+        return self._has_it or self._reply_playing()
+
+    @property
+    def bot_speaking(self) -> bool:
+        return self._speaking or self._reply_playing()
+
+    def _reply_playing(self) -> bool:
+        return self._bot_voice is not None and self._bot_voice.reply_playing
 
     def update(self, frame: Frame) -> None:
         if isinstance(frame, UserStoppedSpeakingFrame):
-            self.bot_has_it = True
+            self._has_it = True
         elif isinstance(frame, BotStartedSpeakingFrame):
-            self.bot_has_it = self.bot_speaking = True
+            self._has_it = self._speaking = True
         elif isinstance(frame, (UserStartedSpeakingFrame, BotStoppedSpeakingFrame)):
-            self.bot_has_it = self.bot_speaking = False
+            self._has_it = self._speaking = False
 
 
 def _said_by_bot(word: str, bot_words: set[str]) -> bool:
@@ -158,7 +181,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._backchannels = backchannels
         self._min_secs = min_secs
         self._vad_start_secs = vad_start_secs
-        self._floor = Floor()
+        self._floor = Floor(bot_voice=bot_voice)
         self._in_turn = False
         self._speech_onset: float | None = None
         self._last_speech_secs = 0.0
@@ -205,12 +228,16 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         return ProcessFrameResult.CONTINUE
 
     async def _maybe_pause(self):
-        """Stop talking over the user while their words are heard out."""
+        """Stop talking over the user, or hold a reply about to start, while their words are heard out.
+
+        A user who goes on after a pause mid-sentence is heard before the words say
+        so; a reply that started meanwhile would be cut after its first words.
+        """
         horizon = time.monotonic() - 0.3
         mic_peak = max((p for t, p in self._mic_peaks if t >= horizon), default=0.0)
         maybe_echo = self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
         self._loud = self._echo_gate > 0 and not maybe_echo
-        if not (self._pause_playback and self._enable_interruptions and self._floor.bot_speaking):
+        if not (self._pause_playback and self._enable_interruptions):
             return
         if maybe_echo:
             logger.debug(f"{self}: speech at {mic_peak:.2f} may be the bot's echo: playing on")
@@ -241,8 +268,14 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         claimed = floor_words(
             text, bot_words=self._bot_voice.words(), backchannels=self._backchannels, loud=self._loud
         )
+        speech_secs = self._speech_secs()
+        if isinstance(frame, TranscriptionFrame) and self._speech_onset is not None:
+            # A final transcript is of the speech that ended, heard while the user goes on.
+            speech_secs += self._last_speech_secs
         # While the bot is only thinking, nothing it says can be drowned out: words decide.
-        long_enough = not self._floor.bot_speaking or self._speech_secs() >= self._min_secs
+        long_enough = (
+            not self._floor.bot_speaking or speech_secs >= self._min_secs or not STOP_WORDS.isdisjoint(claimed)
+        )
         if len(claimed) >= self._min_words and long_enough:
             logger.debug(f"{self}: barge-in on {claimed} in {frame.text!r}")
             await self.trigger_user_turn_started()
@@ -251,5 +284,6 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             # A backchannel or an echo: keep it out of the next user message.
             logger.debug(f"{self}: not a turn: {frame.text!r}")
             await self.trigger_reset_aggregation()
-            await self._resume(after_secs=0)
+            if self._speech_onset is None:  # else the user is still talking: the VAD stop resumes
+                await self._resume(after_secs=0)
         return ProcessFrameResult.CONTINUE

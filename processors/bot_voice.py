@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from pipecat.frames.frames import Frame, OutputAudioRawFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from processors.audio_level import pcm_peak
@@ -15,21 +24,23 @@ from processors.barge_in import words_of
 class BotVoice:
     """What the bot said lately and how loud it played; one per session.
 
-    The TTS adds the words it speaks, a :class:`PlaybackMonitor` after the output
-    transport adds the level of each chunk as it plays, and the STT and the
-    barge-in strategy read them.
+    A :class:`PlaybackMonitor` after the output transport adds each word and the
+    level of each chunk as they play (a reply can be synthesized long before), and
+    the STT and the barge-in strategy read them.
     """
 
     def __init__(self, *, window_secs: float = 30.0):
         """Initialize the reference.
 
         Args:
-            window_secs: How long words are remembered. Text is added when
-                synthesized, which can run a long reply ahead of playback.
+            window_secs: How long words are remembered after they were played.
         """
         self._window = window_secs
         self._words: deque[tuple[float, list[str]]] = deque()
         self._levels: deque[tuple[float, float]] = deque(maxlen=200)
+        # From a reply's first audio played to its last: the bot holds the floor
+        # throughout, across any gap in its voice.
+        self.reply_playing = False
 
     def add_text(self, text: str) -> None:
         self._words.append((time.monotonic(), words_of(text)))
@@ -59,18 +70,29 @@ class BotVoice:
 
 
 class PlaybackMonitor(FrameProcessor):
-    """Notes the level of every audio chunk the output transport has played.
+    """Notes the level of every audio chunk the output transport has played, and the reply's span.
 
     The output transport pushes each chunk on once it has been sent at playback
-    pace, so this is the bot's voice as the user's speaker plays it.
+    pace, and the TTS start and stop frames in order with the audio, so this is
+    the bot's voice as the user's speaker plays it. pipecat reports the bot
+    stopped speaking after a few seconds without audio; a reply whose synthesis
+    fell behind still has the floor until its stop frame has played.
     """
 
     def __init__(self, *, bot_voice: BotVoice, **kwargs):
         super().__init__(**kwargs)
         self._bot_voice = bot_voice
+        self._reply_open = False
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, OutputAudioRawFrame) and frame.audio:
             self._bot_voice.add_playback(pcm_peak(frame.audio))
+            self._bot_voice.reply_playing = self._reply_open
+        elif isinstance(frame, TTSTextFrame):
+            self._bot_voice.add_text(frame.text)  # passed on by the output as its audio plays
+        elif isinstance(frame, TTSStartedFrame):
+            self._reply_open = True
+        elif isinstance(frame, (TTSStoppedFrame, InterruptionFrame, EndFrame, CancelFrame)):
+            self._reply_open = self._bot_voice.reply_playing = False
         await self.push_frame(frame, direction)

@@ -1,22 +1,40 @@
-"""Kokoro-82M text-to-speech over kokoro-onnx, sentence by sentence, with word timing."""
+"""Kokoro-82M text-to-speech: streamed inside each sentence, paced to the listener.
+
+Sentences arrive from the language model faster than they can be spoken; a
+background task per session synthesizes them in order. Each sentence is decoded
+in chunks cut to how far synthesis is ahead of playback: a small first chunk
+while the listener waits, the rest in one piece once there is time for it (a
+chunk costs extra compute for its context). Before a reply starts, its audio
+is held until what is buffered covers what is still to be made at this
+machine's measured speed, so the reply plays without a hole even on a CPU
+slower than real time. Every decoder call goes through the process's
+:class:`ComputeBudget`, so the speech a listener waits for is made first.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import soxr
-from kokoro_onnx import Kokoro
 from loguru import logger
 
-from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame
+from pipecat.frames.frames import EndFrame, ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from processors.bot_voice import BotVoice
+from processors.compute_budget import ComputeBudget
 from processors.first_clause_aggregator import FirstClauseAggregator
+from processors.kokoro_stream import ChunkedDecoding, KokoroStream, Utterance
+from processors.synthesis_speed import FRAME_SECS, SynthesisSpeed
+from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
 KOKORO_SAMPLE_RATE = 24000
 # Speech starts where the signal first exceeds this (about -46 dBFS); what comes
@@ -24,6 +42,20 @@ KOKORO_SAMPLE_RATE = 24000
 _ONSET_THRESHOLD = 0.005
 _ONSET_KEEP_SECS = 0.01
 _CHUNK_SECS = 0.04
+# Predicted compute is inflated by this much before it is trusted against a deadline.
+_SAFETY = 1.15
+# A gap in playback shorter than this is inaudible: it is no hole worth holding audio for.
+_HOLE_TOLERANCE_SECS = 0.05
+# While this little audio is buffered ahead of playback, the next chunk is urgent.
+_URGENT_AHEAD_SECS = 0.3
+# A reply still being generated is assumed to hold about this much more speech.
+_UNSEEN_SPEECH_FRAMES = 60
+# Frames of speech per character of text, before the first sentence measures it.
+_FRAMES_PER_CHAR = 2.5
+# Held audio is released when no text has come for this long: the text is the bottleneck.
+_TEXT_STARVED_SECS = 0.3
+
+T = TypeVar("T")
 
 
 def trim_leading_silence(audio: np.ndarray, *, sample_rate: int) -> np.ndarray:
@@ -35,35 +67,65 @@ def trim_leading_silence(audio: np.ndarray, *, sample_rate: int) -> np.ndarray:
     return audio[start:]
 
 
-def word_times(text: str, timings: list, *, offset: float, duration: float) -> list[tuple[str, float]]:
-    """When each word of ``text`` starts, in seconds from the context's first audio.
+def word_times(text: str, starts: list[float], *, offset: float, duration: float) -> list[tuple[str, float]]:
+    """When each word of ``text`` starts, in seconds from the reply's first audio.
 
-    Kokoro reports phoneme timings with spaces between words; when its word count
-    matches the text's, those starts are exact. Otherwise (numbers spoken as
-    several words, say) words are spread over the audio by their length.
+    ``starts`` are the word starts the model's durations give (one per phonemized
+    word); when their count matches the text's words they are exact. Otherwise
+    (numbers spoken as several words, say) words are spread over the audio by length.
     """
     words = text.split()
     if not words:
         return []
-    starts: list[float] = []
-    in_word = False
-    for t in timings:
-        if t.phoneme.isspace():
-            in_word = False
-        elif not in_word:
-            starts.append(t.start)
-            in_word = True
     if len(starts) != len(words):
         total = sum(len(w) + 1 for w in words)
         starts, acc = [], 0
         for w in words:
             starts.append(duration * acc / total)
             acc += len(w) + 1
-    return [(w, offset + s) for w, s in zip(words, starts)]
+    return [(w, offset + max(0.0, s)) for w, s in zip(words, starts)]
+
+
+@dataclass
+class _Sentence:
+    text: str
+    context_id: str
+
+
+@dataclass
+class _ReplyEnd:
+    context_id: str
+
+
+@dataclass
+class _Reply:
+    """One reply's playout: audio held before it starts, and when what was sent runs out."""
+
+    context_id: str
+    waiting_since: float = field(default_factory=time.monotonic)
+    spoken_secs: float = 0.0  # audio made so far: word times count from the reply's first audio
+    held: list[TTSAudioRawFrame] = field(default_factory=list)
+    held_secs: float = 0.0
+    playing: bool = False
+    play_end: float = 0.0  # time.monotonic() at which the audio sent so far has played out
+    paused_at: float | None = None  # the output holds the audio (the user may be barging in)
+    resume_by: float = 0.0  # ...and plays on by itself by then
+    gain: float = 1.0
+    holes: list[float] = field(default_factory=list)
+    decoding: ChunkedDecoding | None = None
+    resampler: soxr.ResampleStream | None = None
+
+    def ahead(self, now: float) -> float:
+        """Seconds of audio the listener has before running dry."""
+        if not self.playing:
+            return self.held_secs
+        if self.paused_at is not None:
+            now = min(now, self.paused_at)  # the output holds it: none of it is playing out
+        return max(0.0, self.play_end - now)
 
 
 class KokoroTTSService(TTSService):
-    """Speaks each sentence with a shared, already loaded Kokoro model.
+    """Speaks each reply with a shared, already loaded Kokoro, streamed and paced.
 
     Word timestamps go to pipecat so the assistant context keeps only the words
     that were played when the user interrupts.
@@ -72,28 +134,38 @@ class KokoroTTSService(TTSService):
     def __init__(
         self,
         *,
-        kokoro: Kokoro,
+        kokoro: KokoroStream,
+        budget: ComputeBudget,
+        speed_model: SynthesisSpeed,
         voice: str,
         lang: str = "en-us",
         speed: float = 1.0,
         peak_limit: float = 0.95,
         first_clause_words: tuple[int, int] | None = (2, 4),
-        bot_voice: BotVoice | None = None,
+        first_chunk_frames: int = 16,
+        min_chunk_frames: int = 12,
+        max_buffer_secs: float = 30.0,
         **kwargs,
     ):
         """Initialize the service.
 
         Args:
-            kokoro: A loaded kokoro-onnx model, shared across sessions.
+            kokoro: The split Kokoro model, shared across sessions.
+            budget: The process's compute order, shared across sessions.
+            speed_model: This machine's measured synthesis speed, shared and kept current.
             voice: A voice name present in the model's voices file.
             lang: The espeak-ng language used to phonemize text.
             speed: Speech rate multiplier.
             peak_limit: Peaks above this (full scale = 1) are scaled down; some
                 voices clip otherwise.
-            first_clause_words: (min, max) words of a reply's first chunk, spoken
-                before its first sentence is complete; None waits for the sentence.
-            bot_voice: Told each text spoken, so the bot's own voice coming
-                back through the user's microphone is not taken for a barge-in.
+            first_clause_words: (min, max) words of a reply's first chunk of text,
+                spoken before its first sentence is complete; None waits for the sentence.
+            first_chunk_frames: Decoder frames (25 ms each) of the first audio a
+                waiting listener gets: the smaller, the sooner, the more compute.
+            min_chunk_frames: The shortest chunk decoded on its own.
+            max_buffer_secs: The longest a reply's start is held while synthesis
+                slower than real time buffers it; past this it plays, and may pause
+                between sentences.
             **kwargs: Passed to ``TTSService``.
         """
         if voice not in kokoro.voices:
@@ -115,88 +187,383 @@ class KokoroTTSService(TTSService):
                 aggregation_type=TextType.SENTENCE,
                 language=self._text_aggregator.language,
             )
-        self._bot_voice = bot_voice
         self._kokoro = kokoro
+        self._budget = budget
+        self._speed_model = speed_model
         self._voice = voice
         self._lang = lang
         self._speed = speed
         self._peak_limit = peak_limit
-        # Seconds of audio already produced per context: word times are cumulative.
-        self._context_offsets: dict[str, float] = {}
+        self._first_chunk_frames = first_chunk_frames
+        self._min_chunk_frames = min_chunk_frames
+        self._max_buffer_secs = max_buffer_secs
+        self._frames_per_char = _FRAMES_PER_CHAR
+        self._jobs: deque[_Sentence | _ReplyEnd] = deque()
+        self._jobs_changed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._replies: dict[str, _Reply] = {}
+        self._loop_task: asyncio.Task | None = None
 
     def can_generate_metrics(self) -> bool:
         return True
 
-    async def on_audio_context_interrupted(self, context_id: str):
-        self._context_offsets.pop(context_id, None)
-
-    async def on_audio_context_completed(self, context_id: str):
-        self._context_offsets.pop(context_id, None)
-
-    def _synthesize(self, text: str) -> tuple[np.ndarray, list]:
-        audio, sample_rate, timings = self._kokoro.create_timed(
-            text, self._voice, speed=self._speed, lang=self._lang
-        )
-        return np.asarray(audio, dtype=np.float32), timings
-
-    async def _synthesize_keeping_context_alive(self, text: str, context_id: str) -> tuple[np.ndarray, list]:
-        """Synthesize in a worker thread, telling pipecat meanwhile that the context is in use.
-
-        pipecat ends an audio context that gets no audio for ``stop_frame_timeout_s``
-        (3 s) and reports it as "completed with no audio"; a long sentence, or a CPU
-        shared by several sessions, takes longer than that to synthesize.
-        """
-        task = asyncio.ensure_future(asyncio.to_thread(self._synthesize, text))
-        interval = max(0.05, self._stop_frame_timeout_s / 3)
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=interval)
-                self._refresh_audio_context(context_id)
-            return task.result()
-        finally:
-            task.cancel()  # on an interruption: the thread finishes, its result is dropped
+    # --- pipecat's side: text in, audio contexts out ----------------------------------
 
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
-        """Synthesize one sentence off the event loop and stream it in 40 ms chunks."""
+        """Queue a sentence for the synthesis task; its audio joins the context as it is made."""
         text = text.strip()
-        if not text:
-            return
-        if self._bot_voice is not None:
-            self._bot_voice.add_text(text)
-        try:
+        if text:
             await self.start_tts_usage_metrics(text)
-            audio, timings = await self._synthesize_keeping_context_alive(text, context_id)
-        except Exception as e:
-            logger.exception(f"{self}: synthesis failed for {text!r}")
-            yield ErrorFrame(error=f"Kokoro TTS failed: {e}")
-            return
-        finally:
-            await self.stop_ttfb_metrics()
+            self._queue(_Sentence(text=text, context_id=context_id))
+        return
+        yield  # an async generator that yields nothing: the audio arrives through the context
 
-        offset = self._context_offsets.get(context_id, 0.0)
-        if offset == 0.0:
+    async def on_turn_context_completed(self):
+        # The reply's text is all queued: once spoken, its context ends with a stop frame.
+        context_id = self._turn_context_id
+        if context_id and self.audio_context_available(context_id):
+            self._queue(_ReplyEnd(context_id=context_id))
+        await super().on_turn_context_completed()
+
+    async def on_audio_context_interrupted(self, context_id: str):
+        # Queued sentences of this context are skipped; a chunk being decoded is dropped.
+        self._replies.pop(context_id, None)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, EndFrame):
+            # A graceful end lets the last words be spoken (a farewell is not cut off).
+            await self._idle.wait()
+        elif isinstance(frame, PausePlaybackFrame):
+            self._hold_playout(max_secs=frame.max_secs)
+        elif isinstance(frame, ResumePlaybackFrame):
+            self._resume_playout(after_secs=frame.after_secs)
+        await super().process_frame(frame, direction)
+
+    def _hold_playout(self, *, max_secs: float) -> None:
+        """The output holds the audio (the user may be barging in): nothing runs dry meanwhile."""
+        now = time.monotonic()
+        for reply in self._replies.values():
+            if reply.playing and reply.paused_at is None:
+                reply.paused_at = now
+            reply.resume_by = now + max_secs
+
+    def _resume_playout(self, *, after_secs: float) -> None:
+        """The output plays on: the audio sent plays out later by however long it was held."""
+        for reply in self._replies.values():
+            if reply.paused_at is not None:
+                resumed = min(time.monotonic() + after_secs, reply.resume_by)
+                reply.play_end += max(0.0, resumed - reply.paused_at)
+                reply.paused_at = None
+
+    async def cleanup(self):
+        if self._loop_task:
+            await self.cancel_task(self._loop_task)
+            self._loop_task = None
+        await super().cleanup()
+
+    def _queue(self, job: _Sentence | _ReplyEnd) -> None:
+        self._jobs.append(job)
+        self._idle.clear()
+        self._jobs_changed.set()
+        if self._loop_task is None:
+            self._loop_task = self.create_task(self._synthesis_loop())
+
+    # --- the synthesis task ------------------------------------------------------------
+
+    async def _synthesis_loop(self):
+        while True:
+            job = await self._next_job()
+            reply = self._reply(job.context_id)
+            if reply is None:
+                continue  # interrupted
+            try:
+                if isinstance(job, _ReplyEnd):
+                    await self._end_reply(reply)
+                else:
+                    await self._speak(job.text, reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.exception(f"{self}: synthesis failed for {job}")
+                await self.append_to_audio_context(job.context_id, ErrorFrame(error=f"Kokoro TTS failed: {e}"))
+
+    async def _next_job(self) -> _Sentence | _ReplyEnd:
+        """The next job; meanwhile keep open replies alive, and release held audio starved of text."""
+        idle_since = time.monotonic()
+        while not self._jobs:
+            self._idle.set()
+            self._jobs_changed.clear()
+            starved = time.monotonic() - idle_since >= _TEXT_STARVED_SECS
+            self._keep_alive()
+            for reply in list(self._replies.values()):
+                if reply.held and starved:
+                    await self._release(reply)  # the text, not synthesis, is what is late
+            try:
+                await asyncio.wait_for(self._jobs_changed.wait(), timeout=_TEXT_STARVED_SECS)
+            except TimeoutError:
+                pass
+        return self._jobs.popleft()
+
+    def _keep_alive(self) -> None:
+        """Tell pipecat every context still to be spoken is in use, the queued ones too.
+
+        pipecat ends an audio context that gets no audio for ``stop_frame_timeout_s``
+        (3 s); a reply queued behind a long one, or held to buffer, waits longer.
+        """
+        for context_id in {job.context_id for job in self._jobs} | set(self._replies):
+            if self.audio_context_available(context_id):
+                self._refresh_audio_context(context_id)
+
+    def _reply(self, context_id: str) -> _Reply | None:
+        if not self.audio_context_available(context_id):
+            self._replies.pop(context_id, None)
+            return None
+        if context_id not in self._replies:
+            self._replies[context_id] = _Reply(context_id=context_id)
+        return self._replies[context_id]
+
+    def _current(self, reply: _Reply) -> bool:
+        """Whether the reply still plays (an interruption drops it)."""
+        return self._replies.get(reply.context_id) is reply
+
+    async def _speak(self, text: str, reply: _Reply):
+        utterances = await self._compute(
+            lambda: self._kokoro.analyze_all(text, voice=self._voice, speed=self._speed, lang=self._lang),
+            reply,
+        )
+        frames = sum(u.frames for u in utterances)
+        self._frames_per_char += 0.3 * (frames / max(1, len(text)) - self._frames_per_char)
+        for i, utterance in enumerate(utterances):
+            if not self._current(reply):
+                return
+            # A text too long for one pass (rare: over 500 phonemes) has its words timed by its first piece.
+            await self._decode(text if i == 0 else "", utterance, reply)
+
+    async def _decode(self, text: str, utterance: Utterance, reply: _Reply):
+        decoding = reply.decoding = ChunkedDecoding(self._kokoro, utterance, min_chunk_frames=self._min_chunk_frames)
+        first = True
+        while not decoding.done:
+            frames = self._chunk_frames(decoding, reply)
+            decoded = decoding.frames_decoded_for(frames)
+            audio, secs = await self._compute(lambda: self._timed(decoding.next, frames), reply)
+            self._speed_model.observe(frames=decoded, secs=secs)
+            logger.trace(
+                f"{self}: decoded {decoded} frames in {secs:.2f}s"
+                f" ({'playing' if reply.playing else f'held {reply.held_secs:.2f}s'})"
+            )
+            if not self._current(reply):
+                return
+            if first:
+                audio = await self._start_sentence(text, utterance, audio, reply)
+                first = False
+            await self._emit(audio, reply)
+        reply.decoding = None
+
+    async def _start_sentence(self, text: str, utterance, audio: np.ndarray, reply: _Reply) -> np.ndarray:
+        """Trim a reply's leading silence and place the sentence's words in time."""
+        shift = 0.0
+        if reply.spoken_secs == 0.0:
             # Only the reply's first sentence: later leading silence is a natural pause.
             before = len(audio)
             audio = trim_leading_silence(audio, sample_rate=KOKORO_SAMPLE_RATE)
             shift = (before - len(audio)) / KOKORO_SAMPLE_RATE
-            timings = [t.__class__(t.phoneme, t.start - shift, t.end - shift) for t in timings]
-        peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-        if peak > self._peak_limit:
-            audio = audio * (self._peak_limit / peak)
-        duration = len(audio) / KOKORO_SAMPLE_RATE
-        self._context_offsets[context_id] = offset + duration
+        duration = utterance.seconds - shift
+        starts = [s - shift for s in utterance.word_starts]
         await self.add_word_timestamps(
-            word_times(text, timings, offset=max(0.0, offset), duration=duration), context_id
+            word_times(text, starts, offset=reply.spoken_secs, duration=duration), reply.context_id
         )
+        reply.spoken_secs += duration
+        return audio
 
+    @staticmethod
+    def _timed(fn: Callable[..., T], *args) -> tuple[T, float]:
+        """``fn(*args)`` and the seconds it took, without the wait for its turn."""
+        start = time.perf_counter()
+        return fn(*args), time.perf_counter() - start
+
+    async def _compute(self, fn: Callable[[], T], reply: _Reply) -> T:
+        """Run a model call in a worker thread, in its turn, keeping the audio contexts alive."""
+        now = time.monotonic()
+        if reply.playing or reply.held:
+            # Audio in hand: urgent only when it is about to run out (held audio is
+            # buffering on purpose, and the rest of the reply's text may be needed).
+            ahead = reply.ahead(now)
+            deadline = now + ahead
+            urgent = reply.playing and ahead < _URGENT_AHEAD_SECS + self._speed_model.predict(self._min_chunk_frames)
+        else:
+            deadline, urgent = reply.waiting_since, True  # the listener waits for the first sound
+
+        def run() -> T:
+            with self._budget.speech(deadline=deadline, urgent=urgent):
+                return fn()
+
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        interval = max(0.05, self._stop_frame_timeout_s / 3)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=min(interval, self._until_cap(reply) or interval))
+                self._keep_alive()
+                if reply.held and self._until_cap(reply) == 0.0:
+                    await self._release(reply)  # buffered long enough: play, even if a gap may follow
+            return task.result()
+        finally:
+            task.cancel()  # on an interruption: the thread finishes, its result is dropped
+
+    def _chunk_frames(self, decoding: ChunkedDecoding, reply: _Reply) -> int | None:
+        """How many frames to decode next; None for all that is left, the cheapest way."""
+        rest = decoding.remaining
+        if not reply.playing and not reply.held:
+            frames = self._first_chunk_frames  # the listener is waiting for the first sound
+        elif not reply.playing:
+            frames = self._chunk_to_start(rest, reply, buffered=reply.held_secs)
+        else:
+            ahead = reply.ahead(time.monotonic())
+            context = self._kokoro.context_frames
+            if self._speed_model.predict(self._min_chunk_frames + 2 * context) * _SAFETY > ahead:
+                # Behind: a gap comes whatever is decoded. Make it one gap, not a run of
+                # small chunks each slower than real time.
+                frames = self._chunk_to_start(rest, reply, buffered=ahead)
+            else:
+                frames = self._playing_chunk(rest, ahead)
+        return None if frames >= rest else frames
+
+    def _playing_chunk(self, rest: int, ahead: float) -> int:
+        """While the reply plays: all the rest if it is ready in time, else the most that is."""
+        speed, context = self._speed_model, self._kokoro.context_frames
+        if speed.predict(rest + 2 * context) * _SAFETY <= ahead:
+            return rest
+        frames = max(self._min_chunk_frames, speed.frames_within(ahead / _SAFETY) - 2 * context)
+        return rest if rest - frames < self._min_chunk_frames else frames
+
+    def _chunk_to_start(self, rest: int, reply: _Reply, *, buffered: float) -> int:
+        """The smallest chunk after which the reply, with ``buffered`` seconds in hand, never runs dry.
+
+        Where none would do, as much as is ready when a hold must end (``max_buffer_secs``).
+        """
+        later = self._pending_frames(reply)
+        if self._plays_through(buffered + rest * FRAME_SECS, later):
+            lo, hi = self._min_chunk_frames, rest
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._plays_through(buffered + mid * FRAME_SECS, [rest - mid, *later]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+        if reply.playing:
+            return rest  # the gap is coming anyway: the whole rest, the cheapest way
+        within = self._speed_model.frames_within(self._until_cap(reply)) - 2 * self._kokoro.context_frames
+        return max(self._min_chunk_frames, within)
+
+    def _until_cap(self, reply: _Reply) -> float:
+        """Seconds left before a held reply must start playing."""
+        return max(0.0, reply.waiting_since + self._max_buffer_secs - time.monotonic())
+
+    def _pending_frames(self, reply: _Reply) -> list[int]:
+        """Speech frames of the reply's queued sentences (estimated), and more while it is written."""
+        pending, ended = [], False
+        for job in self._jobs:
+            if job.context_id != reply.context_id:
+                continue
+            if isinstance(job, _ReplyEnd):
+                ended = True
+            else:
+                pending.append(int(len(job.text) * self._frames_per_char))
+        return pending if ended else [*pending, _UNSEEN_SPEECH_FRAMES]
+
+    def _plays_through(self, buffered: float, pieces: list[int]) -> bool:
+        """Whether, starting now with ``buffered`` seconds, the pieces' speech never runs dry.
+
+        Plays the reply forward with the chunking used while playing: each chunk must
+        be decoded before the audio ahead of it has played out.
+        """
+        speed, context = self._speed_model, self._kokoro.context_frames
+        for rest in pieces:
+            while rest > 0:
+                frames = self._playing_chunk(rest, buffered)
+                cost = speed.predict(frames + 2 * context) * _SAFETY
+                if cost > buffered + _HOLE_TOLERANCE_SECS:
+                    return False
+                buffered += frames * FRAME_SECS - cost
+                rest -= frames
+        return True
+
+    # --- playout: hold, release, hand to pipecat -----------------------------------------
+
+    async def _emit(self, audio: np.ndarray, reply: _Reply):
+        """Limit, convert and send (or hold) a chunk of the reply's audio."""
+        audio = self._limit(audio, reply)
         if self.sample_rate != KOKORO_SAMPLE_RATE:
-            audio = soxr.resample(audio, KOKORO_SAMPLE_RATE, self.sample_rate, quality="HQ")
+            if reply.resampler is None:
+                # A stream resampler keeps its filter state across chunks: no click at the joins.
+                reply.resampler = soxr.ResampleStream(KOKORO_SAMPLE_RATE, self.sample_rate, 1, dtype="float32")
+            audio = reply.resampler.resample_chunk(audio)
         pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
         step = int(self.sample_rate * _CHUNK_SECS) * 2
-        for i in range(0, len(pcm), step):
-            yield TTSAudioRawFrame(
-                audio=pcm[i : i + step],
-                sample_rate=self.sample_rate,
-                num_channels=1,
-                context_id=context_id,
-            )
+        frames = [
+            TTSAudioRawFrame(audio=pcm[i : i + step], sample_rate=self.sample_rate, num_channels=1, context_id=reply.context_id)
+            for i in range(0, len(pcm), step)
+        ]
+        secs = len(pcm) / 2 / self.sample_rate
+        if reply.playing:
+            await self._send(frames, secs, reply)
+            return
+        reply.held += frames
+        reply.held_secs += secs
+        if self._may_start(reply):
+            await self._release(reply)
+
+    def _limit(self, audio: np.ndarray, reply: _Reply) -> np.ndarray:
+        """Scale the reply down once a peak would pass the limit; the gain only ever falls."""
+        peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+        gain = min(reply.gain, self._peak_limit / peak) if peak > 0 else reply.gain
+        if gain < reply.gain:
+            # A ramp over 10 ms, so the step in level is no click.
+            ramp = np.full(len(audio), gain, dtype=np.float32)
+            n = min(len(audio), int(0.01 * KOKORO_SAMPLE_RATE))
+            ramp[:n] = np.linspace(reply.gain, gain, n, dtype=np.float32)
+            reply.gain = gain
+            return audio * ramp
+        return audio * gain if gain != 1.0 else audio
+
+    def _may_start(self, reply: _Reply) -> bool:
+        """Whether the held audio covers what is still to be made, at this machine's speed."""
+        if self._until_cap(reply) == 0.0:
+            return True
+        decoding = reply.decoding
+        rest = [decoding.remaining] if decoding is not None and not decoding.done else []
+        return self._plays_through(reply.held_secs, [*rest, *self._pending_frames(reply)])
+
+    async def _release(self, reply: _Reply):
+        """Start playing what was held."""
+        held, secs = reply.held, reply.held_secs
+        reply.held, reply.held_secs, reply.playing = [], 0.0, True
+        waited = time.monotonic() - reply.waiting_since
+        logger.debug(f"{self}: reply starts with {secs:.2f}s buffered after {waited:.2f}s of synthesis")
+        await self._send(held, secs, reply)
+
+    async def _send(self, frames: list[TTSAudioRawFrame], secs: float, reply: _Reply):
+        now = time.monotonic()
+        if reply.paused_at is None and reply.play_end and now > reply.play_end + _HOLE_TOLERANCE_SECS:
+            reply.holes.append(now - reply.play_end)
+            logger.debug(f"{self}: synthesis fell {now - reply.play_end:.2f}s behind playback")
+        reply.play_end = max(now, reply.play_end) + secs
+        for frame in frames:
+            await self.append_to_audio_context(reply.context_id, frame)
+
+    async def _end_reply(self, reply: _Reply):
+        if reply.held:
+            await self._release(reply)
+        if reply.resampler is not None:
+            tail = reply.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if tail.size:
+                pcm = (np.clip(tail, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+                await self._send(
+                    [TTSAudioRawFrame(audio=pcm, sample_rate=self.sample_rate, num_channels=1, context_id=reply.context_id)],
+                    len(pcm) / 2 / self.sample_rate,
+                    reply,
+                )
+        self._replies.pop(reply.context_id, None)
+        await self.append_to_audio_context(reply.context_id, TTSStoppedFrame(context_id=reply.context_id))
+        await self.remove_audio_context(reply.context_id)

@@ -10,6 +10,7 @@ from loguru import logger
 
 from pipecat.processors.aggregators.llm_context import LLMContext
 
+from processors.compute_budget import ComputeBudget
 from processors.local_llm import LocalLLMService
 
 SENTENCE_ENDS = (".", "!", "?")
@@ -63,6 +64,7 @@ class LlamaCppLLMService(LocalLLMService):
         llm: Llama,
         lock: threading.Lock,
         system_prompt: str,
+        budget: ComputeBudget | None = None,
         model_name: str = "smollm2-135m-instruct",
         max_tokens: int = 48,
         temperature: float = 0.2,
@@ -74,6 +76,8 @@ class LlamaCppLLMService(LocalLLMService):
             llm: A loaded llama.cpp model, shared across sessions.
             lock: Serializes use of ``llm``; a llama.cpp context is not thread-safe.
             system_prompt: Instructions prepended to every request.
+            budget: The process's compute order: generation pauses between tokens
+                while speech a listener is waiting for is synthesized.
             model_name: Reported in metrics.
             max_tokens: Soft reply cap; the reply then runs on to its sentence end.
             temperature: Sampling temperature.
@@ -88,6 +92,7 @@ class LlamaCppLLMService(LocalLLMService):
         )
         self._llm = llm
         self._lock = lock
+        self._budget = budget
 
     async def _messages(self, context: LLMContext) -> list[dict]:
         return merge_consecutive_turns(await self._openai_messages(context))
@@ -115,6 +120,8 @@ class LlamaCppLLMService(LocalLLMService):
                         stream=True,
                     )
                     for chunk in stream:
+                        if self._budget is not None:
+                            self._budget.yield_to_speech(cancelled=stop.is_set)
                         if stop.is_set():
                             break
                         token = chunk["choices"][0]["delta"].get("content")

@@ -30,6 +30,7 @@ from pipecat.utils.time import time_now_iso8601
 from processors.audio_level import pcm_peak
 from processors.barge_in import Floor
 from processors.bot_voice import BotVoice
+from processors.compute_budget import ComputeBudget
 
 WHISPER_SAMPLE_RATE = 16000
 # Silence after the speech inside a fitted window, so the model hears the end.
@@ -82,6 +83,7 @@ class WhisperSTTService(SegmentedSTTService):
         bot_voice: BotVoice | None = None,
         echo_gate: float = 0.5,
         speculate_after_secs: float | None = 0.12,
+        budget: ComputeBudget | None = None,
         **kwargs,
     ):
         """Initialize the service.
@@ -107,6 +109,8 @@ class WhisperSTTService(SegmentedSTTService):
                 was said so far while the VAD is still confirming the end of the
                 turn; the transcript is used if the user says no more. None waits
                 for the VAD.
+            budget: The process's compute order: speculative passes, which nobody
+                waits for yet, wait while a listener's speech is synthesized.
             **kwargs: Passed to ``SegmentedSTTService``.
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
@@ -116,7 +120,7 @@ class WhisperSTTService(SegmentedSTTService):
         self._no_speech_prob = no_speech_prob
         self._fit_window = fit_window
         self._interim_bytes = int(interim_secs * WHISPER_SAMPLE_RATE * 2) if interim_secs else 0
-        self._floor = Floor()
+        self._floor = Floor(bot_voice=bot_voice)
         self._bot_voice = bot_voice
         self._echo_gate = echo_gate
         self._interim_task: asyncio.Task | None = None
@@ -128,6 +132,7 @@ class WhisperSTTService(SegmentedSTTService):
         self._guess: asyncio.Task | None = None  # the latest pass, stood or not
         # One entry per segment handed to run_stt, in order: its speculation, if it stood.
         self._speculations: deque[asyncio.Task | None] = deque()
+        self._budget = budget
         self._tokenizer = Tokenizer(
             model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language or "en"
         )
@@ -212,7 +217,7 @@ class WhisperSTTService(SegmentedSTTService):
         if not busy and self._speech_peak and self._quiet_bytes >= self._speculate_bytes:
             audio = bytes(self._audio_buffer) + self._trailing_silence()
             # One pass at a time: a pause between words costs at most one wasted pass.
-            self._speculation = self._guess = self.create_task(self._transcribe_pcm(audio))
+            self._speculation = self._guess = self.create_task(self._transcribe_pcm(audio, background=True))
 
     def _maybe_interim(self):
         """Transcribe the speech so far while the bot has the floor: the words decide a barge-in."""
@@ -237,6 +242,7 @@ class WhisperSTTService(SegmentedSTTService):
         return self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
 
     async def _interim(self, audio: bytes):
+        # Not background: these words decide whether the bot stops talking over the user.
         text, language = await self._transcribe_pcm(audio)
         if text and self._user_speaking:
             await self.push_frame(
@@ -249,9 +255,17 @@ class WhisperSTTService(SegmentedSTTService):
             self._interim_task = None
         await super().cleanup()
 
-    async def _transcribe_pcm(self, audio: bytes) -> tuple[str, str | None]:
+    async def _transcribe_pcm(self, audio: bytes, *, background: bool = False) -> tuple[str, str | None]:
+        """Transcribe in a worker thread; a ``background`` pass first lets urgent speech synthesis finish."""
         samples = pcm16_to_float(audio, sample_rate=self.sample_rate, target_rate=WHISPER_SAMPLE_RATE)
-        return await asyncio.to_thread(self._transcribe, samples)
+        budget = self._budget if background else None
+
+        def transcribe() -> tuple[str, str | None]:
+            if budget is not None:
+                budget.yield_to_speech()
+            return self._transcribe(samples)
+
+        return await asyncio.to_thread(transcribe)
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Transcribe one user turn in a worker thread, or take its speculative transcript."""

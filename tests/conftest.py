@@ -13,9 +13,12 @@ import soxr
 
 from bot.config import Config, load_config
 from bot.models import Models, load_kokoro, load_models
+from tests.slow_synthesis import slowed
 
 # A voice other than the bot's, so the user and the bot sound different.
 USER_VOICE = "jm_kumo"
+# How much slower synthesis runs in the slow-machine runs of the timing-sensitive tests.
+SLOW_FACTOR = 2.5
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +32,12 @@ def base_config(tmp_path_factory) -> Config:
 @pytest.fixture(scope="session")
 def models(base_config) -> Models:
     return load_models(base_config)
+
+
+@pytest.fixture(scope="session")
+def slow_models(models, base_config) -> Models:
+    """The same models on a CPU that synthesizes SLOW_FACTOR times slower (tests/slow_synthesis.py)."""
+    return slowed(models, factor=SLOW_FACTOR, voice=base_config.tts.voice)
 
 
 @pytest.fixture(scope="session")

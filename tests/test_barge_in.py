@@ -4,6 +4,7 @@ import numpy as np
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
@@ -96,4 +97,65 @@ async def test_an_interim_word_counts_once_two_passes_agree_on_it():
     await s.feed(interim("Yehirite"), interim("Yeah, right"))
     assert s.started == 0
     await s.feed(interim("What time"), interim("What time is it"))
+    assert s.started == 1
+
+
+async def test_a_gap_in_the_bots_voice_does_not_hand_the_floor_to_a_backchannel():
+    """pipecat reports the bot stopped in a gap of its voice; the reply still playing keeps the floor."""
+    s = Strategy()
+    s.voice.reply_playing = True
+    await s.feed(BotStartedSpeakingFrame(), BotStoppedSpeakingFrame())
+    await s.feed(VADUserStartedSpeakingFrame(start_secs=0.1), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await s.feed(TranscriptionFrame("Mhm.", "user", "now"))
+    assert s.started == 0
+
+    # Once the reply is over, the same speech takes the floor at once.
+    s.voice.reply_playing = False
+    await s.feed(VADUserStartedSpeakingFrame(start_secs=0.1))
+    assert s.started == 1
+
+
+async def test_a_final_transcript_heard_while_the_user_goes_on_counts_all_their_speech(monkeypatch):
+    """"Sorry, actually, what time is it?": the first segment's transcript lands as the second begins.
+
+    Measured by the new segment alone it is too short to be a barge-in; it is the
+    speech that ended (and the user is still talking), so it stops the bot.
+    """
+    clock = [100.0]
+    monkeypatch.setattr("processors.barge_in.time.monotonic", lambda: clock[0])
+    s = Strategy()
+    s.strategy._min_secs = 0.6
+    await s.user_speaks_over_the_bot(level=0.5)
+    clock[0] += 0.9
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))  # "Sorry, actually," was 0.8 s
+    clock[0] += 0.1
+    await s.feed(VADUserStartedSpeakingFrame(start_secs=0.1))  # "what time is it?" begins
+    clock[0] += 0.1
+    await s.feed(TranscriptionFrame("Sorry, actually.", "user", "now"))
+    assert s.started == 1
+
+
+async def test_a_backchannel_transcript_does_not_resume_the_bot_while_the_user_talks_on():
+    s = Strategy()
+    await s.user_speaks_over_the_bot(level=0.5)
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2), VADUserStartedSpeakingFrame(start_secs=0.1))
+    await s.feed(TranscriptionFrame("Mhm.", "user", "now"))
+    assert s.started == 0
+    assert not any(isinstance(f, ResumePlaybackFrame) and f.after_secs == 0 for f in s.pushed)
+
+
+async def test_stop_takes_the_floor_however_briefly_it_is_said(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("processors.barge_in.time.monotonic", lambda: clock[0])
+    s = Strategy()
+    s.strategy._min_secs = 0.6
+    await s.user_speaks_over_the_bot(level=0.5)
+    clock[0] += 0.4
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))  # 0.3 s of speech
+    await s.feed(TranscriptionFrame("Time.", "user", "now"))
+    assert s.started == 0  # a short word that could be a misheard hum
+    await s.user_speaks_over_the_bot(level=0.5)
+    clock[0] += 0.4
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await s.feed(TranscriptionFrame("Wait, stop.", "user", "now"))
     assert s.started == 1

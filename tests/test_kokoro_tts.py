@@ -1,16 +1,21 @@
 """KokoroTTSService on the real Kokoro-82M, and its pure helpers."""
 
+import asyncio
+
 import jiwer
 import numpy as np
 import pytest
 import soxr
-from kokoro_onnx.sliding import Timing
 
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame, TTSStartedFrame, TTSStoppedFrame
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
 
 from processors.kokoro_tts import KOKORO_SAMPLE_RATE, KokoroTTSService, trim_leading_silence, word_times
+from tests.conftest import SLOW_FACTOR
+from tests.live_pipeline import running
+from tests.slow_synthesis import slowed
+from transports.scripted import BotRecording, ScriptedTransport
 
 SENTENCE = "The weather today is sunny and warm."
 # Quieter than this (about -50 dBFS, as the scripted transport judges it) is silence.
@@ -22,10 +27,17 @@ def _normalize(text: str) -> str:
 
 
 async def _speak(
-    kokoro, text: str, *, voice: str = "jf_alpha", sample_rate: int = 24000, peak_limit: float = 0.95, **kwargs
+    models, text: str, *, voice: str = "jf_alpha", sample_rate: int = 24000, peak_limit: float = 0.95, **kwargs
 ):
     """Run one TTSSpeakFrame through the service; (int16 audio, audio frames, all down frames)."""
-    tts = KokoroTTSService(kokoro=kokoro, voice=voice, peak_limit=peak_limit, **kwargs)
+    tts = KokoroTTSService(
+        kokoro=models.kokoro_stream,
+        budget=models.budget,
+        speed_model=models.synthesis_speed,
+        voice=voice,
+        peak_limit=peak_limit,
+        **kwargs,
+    )
     down, up = await run_test(
         tts,
         frames_to_send=[TTSSpeakFrame(text)],
@@ -54,7 +66,7 @@ def _first_sound(audio: np.ndarray, sample_rate: int) -> float:
 
 async def test_sentence_is_spoken_at_24k_trimmed_and_intelligible(models):
     """Native rate: speech starts at once (leading silence is latency) and says the text."""
-    audio, frames, down = await _speak(models.kokoro, SENTENCE)
+    audio, frames, down = await _speak(models, SENTENCE)
 
     assert frames and {(f.sample_rate, f.num_channels) for f in frames} == {(24000, 1)}
     kinds = [type(f) for f in down]
@@ -69,7 +81,7 @@ async def test_sentence_is_spoken_at_24k_trimmed_and_intelligible(models):
 
 async def test_sentence_is_resampled_to_16k(models):
     """A 16 kHz output transport gets 16 kHz frames of the same speech, not sped-up audio."""
-    audio, frames, _ = await _speak(models.kokoro, SENTENCE, sample_rate=16000)
+    audio, frames, _ = await _speak(models, SENTENCE, sample_rate=16000)
 
     assert frames and {f.sample_rate for f in frames} == {16000}
     native, rate, _ = models.kokoro.create_timed(SENTENCE, "jf_alpha", lang="en-us")
@@ -86,7 +98,7 @@ async def test_loud_voice_peaks_are_limited(models):
     raw, _, _ = models.kokoro.create_timed(SENTENCE, "jm_kumo", lang="en-us")
     assert np.max(np.abs(raw)) > limit, "precondition: this voice really is too loud"
 
-    audio, _, _ = await _speak(models.kokoro, SENTENCE, voice="jm_kumo", peak_limit=limit)
+    audio, _, _ = await _speak(models, SENTENCE, voice="jm_kumo", peak_limit=limit)
 
     peak = np.max(np.abs(audio.astype(np.int32))) / 32767
     assert limit - 0.01 <= peak <= limit + 1 / 32767, peak
@@ -96,7 +108,7 @@ async def test_synthesis_slower_than_the_context_timeout_still_plays(models):
     """pipecat drops an audio context that stays quiet for stop_frame_timeout_s (3 s); a long
     sentence or a busy CPU synthesizes slower than that. Shrinking the timeout below one
     sentence's synthesis time shows the service keeps its context alive meanwhile."""
-    audio, frames, down = await _speak(models.kokoro, SENTENCE, stop_frame_timeout_s=0.2)
+    audio, frames, down = await _speak(models, SENTENCE, stop_frame_timeout_s=0.2)
 
     assert len(audio) / 24000 > 1.0
     kinds = [type(f) for f in down]
@@ -104,10 +116,33 @@ async def test_synthesis_slower_than_the_context_timeout_still_plays(models):
     assert kinds.index(TTSStoppedFrame) > max(i for i, k in enumerate(kinds) if k is TTSAudioRawFrame)
 
 
+async def test_a_reply_queued_behind_a_long_one_keeps_its_context(models):
+    """The second of two replies waits while the first is synthesized: longer than pipecat's
+    context timeout (shrunk here to 0.2 s). It is still spoken, after the first."""
+    tts = KokoroTTSService(
+        kokoro=models.kokoro_stream,
+        budget=models.budget,
+        speed_model=models.synthesis_speed,
+        voice="jf_alpha",
+        stop_frame_timeout_s=0.2,
+    )
+    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(SENTENCE), TTSSpeakFrame("And that is all.")])
+
+    kinds = [type(f) for f in down]
+    assert kinds.count(TTSStartedFrame) == kinds.count(TTSStoppedFrame) == 2
+    second = [i for i, k in enumerate(kinds) if k is TTSStartedFrame][1]
+    assert TTSAudioRawFrame in kinds[second:]
+
+
 def test_unknown_voice_names_the_choices(models):
     """A typo in tts.voice fails at construction with the voices to choose from."""
     with pytest.raises(ValueError) as err:
-        KokoroTTSService(kokoro=models.kokoro, voice="af_nonexistent")
+        KokoroTTSService(
+            kokoro=models.kokoro_stream,
+            budget=models.budget,
+            speed_model=models.synthesis_speed,
+            voice="af_nonexistent",
+        )
     message = str(err.value)
     assert "af_nonexistent" in message
     assert all(voice in message for voice in models.kokoro.voices), message
@@ -146,23 +181,9 @@ def test_trim_leaves_immediate_speech_alone_and_empties_silence():
 # --- word_times -----------------------------------------------------------------------
 
 
-def _timings(words: list[str], starts: list[float], *, letter_secs: float = 0.05) -> list[Timing]:
-    """Phoneme timings as Kokoro reports them: letters, with a space phoneme between words."""
-    out = []
-    for i, (word, start) in enumerate(zip(words, starts)):
-        if i:
-            out.append(Timing(" ", start - 0.02, start))
-        for j, ch in enumerate(word):
-            out.append(Timing(ch, start + j * letter_secs, start + (j + 1) * letter_secs))
-    return out
-
-
-def test_word_times_are_exact_when_phoneme_words_match():
-    """Each word starts at its first phoneme, shifted by the audio already played."""
-    text = "hello big world"
-    timings = _timings(["həlˈoʊ", "bˈɪɡ", "wˈɜːld"], [0.0, 0.42, 0.71])
-
-    assert word_times(text, timings, offset=1.5, duration=1.2) == [
+def test_word_times_are_exact_when_the_model_timed_every_word():
+    """Each word starts where the model put it, shifted by the audio already played."""
+    assert word_times("hello big world", [0.0, 0.42, 0.71], offset=1.5, duration=1.2) == [
         ("hello", pytest.approx(1.5)),
         ("big", pytest.approx(1.92)),
         ("world", pytest.approx(2.21)),
@@ -172,9 +193,8 @@ def test_word_times_are_exact_when_phoneme_words_match():
 def test_word_times_spread_by_length_when_counts_differ():
     """'25' is spoken as two words: fall back to spreading words over the audio by length."""
     text = "it costs 25 dollars"
-    timings = _timings(["ɪt", "kˈɑːsts", "twˈɛnti", "fˈaɪv", "dˈɑːlɚz"], [0.0, 0.2, 0.6, 0.9, 1.2])
 
-    result = word_times(text, timings, offset=2.0, duration=2.0)
+    result = word_times(text, [0.0, 0.2, 0.6, 0.9, 1.2], offset=2.0, duration=2.0)
 
     assert [w for w, _ in result] == text.split()
     starts = [t for _, t in result]
@@ -184,8 +204,78 @@ def test_word_times_spread_by_length_when_counts_differ():
 
 
 def test_word_times_without_timings_and_without_words():
-    """The bundled int8 model reports no durations: words are still spread over the audio."""
     result = word_times("one two", [], offset=0.0, duration=1.0)
     assert [w for w, _ in result] == ["one", "two"]
     assert result[0][1] == 0.0 and 0 < result[1][1] < 1.0
     assert word_times("   ", [], offset=0.0, duration=1.0) == []
+
+
+async def test_a_sentences_words_are_timed_by_the_model(models):
+    """The split model's durations place each word: the last word starts well inside the audio."""
+    utterance = models.kokoro_stream.analyze(SENTENCE, voice="jf_alpha")
+    assert len(utterance.word_starts) == len(SENTENCE.split())
+    assert utterance.word_starts == sorted(utterance.word_starts)
+    assert 0.5 * utterance.seconds < utterance.word_starts[-1] < utterance.seconds
+
+
+# --- streamed, paced playout ----------------------------------------------------------
+
+REPLY = "The ocean covers most of our planet. It is deep, dark and full of strange life."
+
+
+async def _play(models, text: str, **kwargs) -> tuple[BotRecording, float]:
+    """Speak ``text`` through the service into a real-time scripted speaker.
+
+    Returns the recording and when the request was made (transport time, s).
+    """
+    transport = ScriptedTransport(cues=[])
+    tts = KokoroTTSService(
+        kokoro=models.kokoro_stream,
+        budget=models.budget,
+        speed_model=models.synthesis_speed,
+        voice="jf_alpha",
+        **kwargs,
+    )
+    rec = transport.recording
+    async with running(
+        [transport.input(), tts, transport.output()], params=PipelineParams(audio_out_sample_rate=24000)
+    ) as worker:
+        asked = transport.clock.now()
+        await worker.queue_frame(TTSSpeakFrame(text))
+        async with asyncio.timeout(120):
+            while rec.last_sound is None or transport.clock.now() - rec.last_sound < 1.0:
+                await asyncio.sleep(0.05)
+    return rec, asked
+
+
+async def test_the_first_audio_comes_before_the_sentence_is_decoded_and_never_runs_dry(models):
+    """Streamed synthesis: the listener hears the reply before a whole-sentence decode would end.
+
+    How much sooner depends on the CPU: at once where synthesis is much faster than
+    real time, after the buffer that real time cannot cover where it is not.
+    """
+    utterance = models.kokoro_stream.analyze(REPLY, voice="jf_alpha")
+    whole = models.synthesis_speed.predict(utterance.frames)
+
+    rec, asked = await _play(models, REPLY)
+
+    first = rec.first_sound_after(asked) - asked
+    assert first < 0.8 * whole, (first, whole)
+    assert [gap for _, gap in rec.holes if gap > 0.15] == [], rec.holes
+    played = sum(len(a) for _, a in rec.chunks) / 24000
+    assert played == pytest.approx(utterance.seconds, abs=0.1)
+
+
+async def test_on_a_cpu_slower_than_real_time_a_reply_waits_then_plays_without_a_hole(models, base_config):
+    """Synthesis slowed past real time: the reply starts once its buffer covers the rest, then never runs dry."""
+    factor = max(SLOW_FACTOR, 1.6 / models.synthesis_speed.real_time_factor)
+    slow = slowed(models, factor=factor, voice=base_config.tts.voice)
+    assert slow.synthesis_speed.real_time_factor > 1.3
+    utterance = models.kokoro_stream.analyze(REPLY, voice="jf_alpha")
+
+    rec, asked = await _play(slow, REPLY, max_buffer_secs=60)
+
+    assert [gap for _, gap in rec.holes if gap > 0.15] == [], rec.holes
+    # It waited for a buffer: at least part of what real time could not cover.
+    rtf = slow.synthesis_speed.real_time_factor
+    assert rec.first_sound_after(asked) - asked > 0.5 * (rtf - 1) * utterance.seconds

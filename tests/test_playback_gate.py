@@ -122,7 +122,7 @@ async def test_paused_audio_is_held_then_played_in_full_and_its_words_wait_with_
     (a0, a1), (b0, b1) = spans
     assert 0.3 <= b0 - a1 <= 0.5, spans  # silent while paused
     assert (a1 - a0) + (b1 - b0) == pytest.approx(1.0, abs=0.03)  # nothing lost
-    assert transport.recording.underruns == []  # a pause is no underrun
+    assert transport.recording.holes == []  # a pause is no hole
     [(word, heard_at)] = arrivals.words
     # Due 0.5 s in; held about 0.4 s before that: heard about 0.9 s in, with its audio.
     assert 0.8 <= heard_at - start <= 1.05, heard_at - start

@@ -9,6 +9,7 @@ import pytest
 from bot.conversation import run_conversation
 from bot.scenarios import Speaker, barge_in_stop_ms, build_cues, kept_talking, load_scenarios
 from processors.barge_in import words_of
+from tests.conftest import SLOW_FACTOR
 
 SCENARIOS = load_scenarios()
 
@@ -18,12 +19,14 @@ def scenario_speaker(models, base_config):
     return Speaker(kokoro=models.kokoro, sample_rate=base_config.audio.in_sample_rate)
 
 
+@pytest.mark.parametrize("synthesis", ["models", "slow_models"], ids=["this-cpu", f"synthesis-{SLOW_FACTOR}x-slower"])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-async def test_scenario(scenario, base_config, models, scenario_speaker):
+async def test_scenario(scenario, synthesis, request, base_config, scenario_speaker):
+    """Each conversation as scripted, on this machine and on one that synthesizes 2.5x slower."""
     rate = base_config.audio.in_sample_rate
     result = await run_conversation(
         config=base_config,
-        models=models,
+        models=request.getfixturevalue(synthesis),
         cues=build_cues(scenario, speaker=scenario_speaker, sample_rate=rate),
         echo_gain=scenario.echo_gain,
         session_id=f"test-{scenario.name}",

@@ -135,8 +135,14 @@ class Session:
                 direction=FrameDirection.DOWNSTREAM, again=True,
             )  # fmt: skip
         if speak_ms is not None:
-            await self.push(TTSStoppedFrame(context_id="c1"), at=start + 600 + speak_ms, source=self.tts)
+            stopped = TTSStoppedFrame(context_id="c1")
+            await self._push(stopped, at=start + 600 + speak_ms, source=self.tts, direction=FrameDirection.DOWNSTREAM)
+            # The output transport plays the reply out, stops, and passes the stop frame on.
             await self.push(BotStoppedSpeakingFrame(), at=start + 610 + speak_ms, source=self.output, broadcast=True)
+            await self._push(
+                stopped, at=start + 610 + speak_ms, source=self.output,
+                direction=FrameDirection.DOWNSTREAM, again=True,
+            )  # fmt: skip
 
 
 def _tracer(tmp_path, **kwargs) -> LatencyTracer:
@@ -302,3 +308,22 @@ async def test_on_turn_gets_each_turn(tmp_path):
     assert seen == tracer.turns
     assert [t.turn for t in seen] == [0, 1]
     assert all(t.voice_to_voice_ms == pytest.approx(1110) for t in seen)
+
+
+async def test_a_gap_in_the_bots_voice_does_not_end_its_turn(tmp_path):
+    """pipecat reports the bot stopped after a few seconds without audio; the reply goes on."""
+    tracer = _tracer(tmp_path)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400)
+    await session.bot_reply(start=2700, speak_ms=None)
+    # Synthesis fell behind: a gap, then the rest of the reply, then its end.
+    await session.push(BotStoppedSpeakingFrame(), at=5000, source=session.output, broadcast=True)
+    assert tracer.open_turn is not None
+    await session.push(BotStartedSpeakingFrame(), at=8000, source=session.output, broadcast=True)
+    stopped = TTSStoppedFrame(context_id="c1")
+    await session._push(stopped, at=9000, source=session.tts, direction=FrameDirection.DOWNSTREAM)
+    await session._push(stopped, at=9010, source=session.output, direction=FrameDirection.DOWNSTREAM, again=True)
+
+    (turn,) = tracer.turns
+    assert turn.bot_end_ms == pytest.approx(9010)
+    assert turn.bot_text == " ".join(ANSWER)

@@ -25,6 +25,7 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     OutputAudioRawFrame,
     StartFrame,
+    TTSStoppedFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_input import BaseInputTransport
@@ -36,9 +37,6 @@ from transports.playback_gate import PausableOutputMixin
 FRAME_SECS = 0.02
 # Samples quieter than this (about -50 dBFS) are silence to the listener.
 SILENCE_LEVEL = 100
-# A delivery gap shorter than this inside a reply is an underrun (the speaker ran
-# dry); longer gaps are between replies.
-UNDERRUN_MAX_GAP = 1.0
 
 
 @dataclass
@@ -68,12 +66,20 @@ class Cue:
 
 @dataclass
 class BotRecording:
-    """Bot audio as it left the transport: (start time in s, int16 samples) chunks."""
+    """Bot audio as it left the transport: (start time in s, int16 samples) chunks.
+
+    ``holes`` are the gaps inside a reply where the speaker ran dry, as (time the
+    audio resumed, seconds of silence): synthesis fell behind playback.
+    """
 
     sample_rate: int
     chunks: list[tuple[float, np.ndarray]] = field(default_factory=list)
     last_sound: float | None = None
-    underruns: list[float] = field(default_factory=list)
+    holes: list[tuple[float, float]] = field(default_factory=list)
+
+    def holes_between(self, t0: float, t1: float) -> list[float]:
+        """Lengths (s) of the holes in replies between ``t0`` and ``t1``."""
+        return [gap for t, gap in self.holes if t0 <= t <= t1]
 
     def add(self, start: float, audio: np.ndarray) -> None:
         self.chunks.append((start, audio))
@@ -252,17 +258,23 @@ class ScriptedOutputTransport(PausableOutputMixin, BaseOutputTransport):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
-            self._next_play = 0.0  # the reply was cut: the gap that follows is no underrun
+            self._next_play = 0.0  # the reply was cut: the gap that follows is no hole
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        if isinstance(frame, TTSStoppedFrame):
+            # Pushed on once all the reply's audio before it was written: the reply is over.
+            self._next_play = 0.0
+        await super().push_frame(frame, direction)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if self.playback_gate.paused:
             if not await self.playback_gate.admit():
                 return False
-            self._next_play = 0.0  # held on purpose: the gap is no underrun
+            self._next_play = 0.0  # held on purpose: the gap is no hole
         now = self._clock.now()
         gap = now - self._next_play
-        if self._next_play and FRAME_SECS < gap < UNDERRUN_MAX_GAP:
-            self._recording.underruns.append(gap)
+        if self._next_play and gap > FRAME_SECS:
+            self._recording.holes.append((now, gap))
         start = max(now, self._next_play)
         audio = np.frombuffer(frame.audio, dtype=np.int16).copy()
         self._recording.add(start, audio)

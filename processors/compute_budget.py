@@ -1,0 +1,83 @@
+"""Who computes next on this process's cores: the audio a listener is waiting for first.
+
+Two CPU cores run speech synthesis, the language model and Whisper for every
+session. When they all run at once each is slower, and the one that matters most,
+the next piece of a reply whose listener is about to run out of audio, comes late:
+a hole in the bot's voice. So every model call that computes goes through one
+:class:`ComputeBudget`, shared like a model:
+
+- Speech synthesis runs one piece at a time (ONNX Runtime already uses both cores),
+  the piece whose playback deadline is soonest first: with several sessions, the
+  listener whose buffer runs dry first is served first.
+- While a piece that a listener is waiting for is being made (``urgent``),
+  background work waits: the language model between tokens, speculative and
+  interim Whisper passes before they start.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+# A background caller re-checks its own cancellation this often while it waits.
+_POLL_SECS = 0.02
+
+
+class ComputeBudget:
+    """The process-wide order of compute: urgent speech, then speech, then the rest."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: list[tuple[float, int]] = []  # (deadline, ticket) of speech waiting its turn
+        self._tickets = itertools.count()
+        self._running: int | None = None
+        self._urgent = 0  # urgent speech waiting or running
+        self.yielded_secs = 0.0  # background time spent waiting, for the bench
+
+    @property
+    def speech_urgent(self) -> bool:
+        with self._cond:
+            return self._urgent > 0
+
+    @contextmanager
+    def speech(self, *, deadline: float, urgent: bool) -> Iterator[None]:
+        """Hold the synthesizer for one piece of speech (blocking: call it from a worker thread).
+
+        Args:
+            deadline: ``time.monotonic()`` at which the listener runs out of audio
+                without this piece; the soonest goes first.
+            urgent: The listener's buffer is short: background work waits meanwhile.
+        """
+        ticket = next(self._tickets)
+        with self._cond:
+            self._urgent += urgent
+            heapq.heappush(self._queue, (deadline, ticket))
+            while self._running is not None or self._queue[0][1] != ticket:
+                self._cond.wait()
+            heapq.heappop(self._queue)
+            self._running = ticket
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running = None
+                self._urgent -= urgent
+                self._cond.notify_all()
+
+    def yield_to_speech(self, *, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait while speech a listener is waiting for is being made (blocking).
+
+        Background work calls this between steps (the language model before each
+        token, Whisper before a pass nobody waits for yet).
+        """
+        if not self._urgent:  # racy read on purpose: the common case takes no lock
+            return
+        start = time.monotonic()
+        with self._cond:
+            while self._urgent and not cancelled():
+                self._cond.wait(timeout=_POLL_SECS)
+            self.yielded_secs += time.monotonic() - start

@@ -1,0 +1,89 @@
+"""The process-wide compute order: soonest-needed speech first, background work waits for urgent speech."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from processors.compute_budget import ComputeBudget
+
+
+def _in_thread(fn) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_speech_runs_one_at_a_time_soonest_deadline_first():
+    budget = ComputeBudget()
+    order: list[str] = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with budget.speech(deadline=0.0, urgent=False):
+            holding.set()
+            release.wait(5)
+            order.append("first")
+
+    def job(name: str, deadline: float):
+        def run():
+            with budget.speech(deadline=deadline, urgent=False):
+                order.append(name)
+
+        return run
+
+    threads = [_in_thread(first)]
+    assert holding.wait(5)
+    # Queued while the synthesizer is busy: the later deadline arrives first, runs last.
+    threads.append(_in_thread(job("late", 20.0)))
+    time.sleep(0.05)
+    threads.append(_in_thread(job("soon", 10.0)))
+    time.sleep(0.05)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["first", "soon", "late"]
+
+
+def test_background_work_waits_while_urgent_speech_runs():
+    budget = ComputeBudget()
+    speaking = threading.Event()
+    done_speaking = threading.Event()
+    events: list[str] = []
+
+    def speech():
+        with budget.speech(deadline=0.0, urgent=True):
+            speaking.set()
+            time.sleep(0.3)
+            events.append("speech done")
+        done_speaking.set()
+
+    _in_thread(speech)
+    assert speaking.wait(5)
+    assert budget.speech_urgent
+    start = time.monotonic()
+    budget.yield_to_speech()
+    events.append("background ran")
+    assert events == ["speech done", "background ran"]
+    assert time.monotonic() - start >= 0.2
+    assert budget.yielded_secs >= 0.2
+
+
+def test_background_work_does_not_wait_for_speech_that_is_not_urgent():
+    budget = ComputeBudget()
+    with budget.speech(deadline=0.0, urgent=False):
+        start = time.monotonic()
+        budget.yield_to_speech()
+        assert time.monotonic() - start < 0.05
+    assert budget.yielded_secs == 0.0
+
+
+def test_a_cancelled_background_caller_stops_waiting():
+    budget = ComputeBudget()
+    cancelled = threading.Event()
+    with budget.speech(deadline=0.0, urgent=True):
+        threading.Timer(0.1, cancelled.set).start()
+        start = time.monotonic()
+        budget.yield_to_speech(cancelled=cancelled.is_set)
+        assert 0.05 < time.monotonic() - start < 1.0
