@@ -304,7 +304,9 @@ class KokoroStream:
     def _ballast(self, utterance: Utterance) -> np.ndarray:
         """The utterance's last silent frames (repeated if it has fewer), decoded after a chunk."""
         silence = np.flatnonzero(~utterance.loud)
-        return np.resize(silence[len(silence) - self.ballast_frames :], self.ballast_frames) if silence.size else silence
+        if not silence.size:
+            return silence
+        return np.resize(silence[-self.ballast_frames :], self.ballast_frames)
 
     def decode(self, utterance: Utterance, start: int, end: int) -> np.ndarray:
         """Decode speech frames [start, end) with their context, blocking.

@@ -48,7 +48,8 @@ def split(base_config) -> tuple:
 @pytest.fixture(scope="module")
 def stream(models, split, base_config) -> KokoroStream:
     front, decoder = split
-    return load_kokoro_stream(kokoro=models.kokoro, front_path=front, decoder_path=decoder, threads=base_config.tts.threads)
+    threads = base_config.tts.threads
+    return load_kokoro_stream(kokoro=models.kokoro, front_path=front, decoder_path=decoder, threads=threads)
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +140,18 @@ def test_front_then_decoder_is_the_whole_model(models, split, base_config):
     """Run on every frame, pads included, the two halves give the whole model's audio."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = base_config.tts.threads
-    front, decoder = (ort.InferenceSession(str(p), sess_options=options, providers=["CPUExecutionProvider"]) for p in split)
+    front, decoder = (
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"]) for path in split
+    )
     kokoro = models.kokoro
     phonemes = kokoro.tokenizer.phonemize("The capital of France is Paris.", "en-us")
     tokens = kokoro.tokenizer.tokenize(phonemes)
     style = kokoro.voices[VOICE][len(tokens) - 1]
-    inputs = {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64), "style": style, "speed": np.array([1.0], np.float32)}
+    inputs = {
+        "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+        "style": style,
+        "speed": np.array([1.0], dtype=np.float32),
+    }
 
     features, f0, energy, durations = front.run(None, inputs)
     audio = decoder.run(None, {"style": style, FEATURES: features, F0: f0, ENERGY: energy})[0]
