@@ -486,8 +486,10 @@ class ChunkedDecoding:
         audio = np.zeros((end - start) * SAMPLES_PER_FRAME, dtype=np.float32)
         inside = window[max(0, -at) : max(0, -at) + len(audio) - max(0, at)]
         audio[max(0, at) : max(0, at) + len(inside)] = inside
-        fade = min(len(self._tail), self._fade)
-        if fade and at <= 0:
+        if at > 0:
+            # The chunk's first frames are silence it did not decode: the previous chunk's tail ends into them.
+            audio[: min(at, len(self._tail))] = self._tail[:at]
+        elif fade := min(len(self._tail), self._fade):
             ramp = _fade_in(fade)
             audio[:fade] = audio[:fade] * ramp + self._tail[:fade] * (1 - ramp)
         self._tail = window[max(0, -at) + len(inside) :]
