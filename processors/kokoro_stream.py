@@ -304,9 +304,7 @@ class KokoroStream:
     def _ballast(self, utterance: Utterance) -> np.ndarray:
         """The utterance's last silent frames (repeated if it has fewer), decoded after a chunk."""
         silence = np.flatnonzero(~utterance.loud)
-        if not silence.size:
-            return silence
-        return np.resize(silence[-self.ballast_frames :], self.ballast_frames)
+        return np.resize(silence[len(silence) - self.ballast_frames :], self.ballast_frames) if silence.size else silence
 
     def decode(self, utterance: Utterance, start: int, end: int) -> np.ndarray:
         """Decode speech frames [start, end) with their context, blocking.
@@ -486,10 +484,8 @@ class ChunkedDecoding:
         audio = np.zeros((end - start) * SAMPLES_PER_FRAME, dtype=np.float32)
         inside = window[max(0, -at) : max(0, -at) + len(audio) - max(0, at)]
         audio[max(0, at) : max(0, at) + len(inside)] = inside
-        if at > 0:
-            # The chunk's first frames are silence it did not decode: the previous chunk's tail ends into them.
-            audio[: min(at, len(self._tail))] = self._tail[:at]
-        elif fade := min(len(self._tail), self._fade):
+        fade = min(len(self._tail), self._fade)
+        if fade and at <= 0:
             ramp = _fade_in(fade)
             audio[:fade] = audio[:fade] * ramp + self._tail[:fade] * (1 - ramp)
         self._tail = window[max(0, -at) + len(inside) :]
