@@ -1,7 +1,7 @@
 """Kokoro-82M cut at its decoder, so speech can be decoded in chunks as playback needs it.
 
-The whole model spends ~97 % of its time in the decoder (frames to audio); the
-front (text to frames) is cheap and fixes the whole sentence's frames, timing,
+The whole model spends 94-97 % of its time in the decoder (frames to audio); the
+front (text to frames, 25-120 ms) is cheap and fixes the whole sentence's frames, timing,
 pitch and loudness at once. Any span of those frames can then be decoded on its
 own: the first 0.4 s of a sentence is ready after a fraction of the sentence's
 compute, and the rest follows in chunks of whatever size the listener's buffer
