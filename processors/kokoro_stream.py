@@ -124,6 +124,9 @@ def load_kokoro_stream(*, kokoro: Kokoro, front_path: Path, decoder_path: Path, 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Threads that sleep between operators, instead of spinning, leave those moments to the
+    # language model writing the rest of the reply (see processors/compute_budget.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     front, decoder = (
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         for path in (front_path, decoder_path)
@@ -285,6 +288,16 @@ class KokoroStream:
         last = utterance.frames + min(self.edge_context_frames, total - utterance.start - utterance.frames)
         return max(first, start - self.context_frames), min(last, end + self.context_frames)
 
+    def overhead_frames(self, *, first: bool, last: bool) -> int:
+        """Frames decoded beyond a chunk's own: its context each side and the ballast.
+
+        A chunk at the start or end of its utterance takes only the edge's few frames
+        there, so one whole sentence costs least and every cut adds context.
+        """
+        before = self.edge_context_frames if first else self.context_frames
+        after = self.edge_context_frames if last else self.context_frames
+        return before + after + self.ballast_frames
+
     def decoded_span(self, utterance: Utterance, start: int, end: int) -> tuple[int, int]:
         """The speech frames the decoder runs on for frames [start, end); empty when all are silent.
 
@@ -306,8 +319,13 @@ class KokoroStream:
         silence = np.flatnonzero(~utterance.loud)
         return np.resize(silence[len(silence) - self.ballast_frames :], self.ballast_frames) if silence.size else silence
 
-    def decode(self, utterance: Utterance, start: int, end: int) -> np.ndarray:
+    def decode(
+        self, utterance: Utterance, start: int, end: int, *, run_options: ort.RunOptions | None = None
+    ) -> np.ndarray:
         """Decode speech frames [start, end) with their context, blocking.
+
+        ``run_options.terminate = True`` from another thread stops the call (it raises):
+        a chunk of an interrupted reply gives the cores back at once.
 
         Returns:
             float32 audio at 24 kHz for exactly ``decoded_span(utterance, start, end)``
@@ -329,6 +347,7 @@ class KokoroStream:
                 F0: utterance.f0[:, halves],
                 ENERGY: utterance.energy[:, halves],
             },
+            run_options,
         )[0]
         return audio[: (hi - lo) * SAMPLES_PER_FRAME] * _gate(utterance.loud[lo:hi])
 
@@ -348,8 +367,14 @@ class KokoroStream:
                 began = time.perf_counter()
                 self.decode(utterance, 0, frames)
                 points.append((self.decoded_frames(utterance, 0, frames), time.perf_counter() - began))
-        decoded, secs = np.array(points).T
-        per_frame, fixed = np.polyfit(decoded, secs, 1)
+        # The fastest call of each size: a busy moment during the measurement is load, not this
+        # CPU's speed (what load there is, the chunks decoded while the bot talks measure).
+        (small, small_secs), (large, large_secs) = (
+            (frames, min(secs for decoded, secs in points if decoded == frames))
+            for frames in sorted({decoded for decoded, _ in points})
+        )
+        per_frame = (large_secs - small_secs) / max(1, large - small)
+        fixed = small_secs - per_frame * small
         speed = SynthesisSpeed(fixed_secs=max(0.0, float(fixed)), secs_per_frame=max(1e-4, float(per_frame)))
         logger.debug(f"Kokoro decoder: {speed.fixed_secs * 1000:.0f} ms + {speed.secs_per_frame * 1000:.1f} ms a frame")
         return speed
@@ -466,7 +491,7 @@ class ChunkedDecoding:
         """Frames ``next(frames)`` runs the decoder on, context included: what its cost scales with."""
         return self._stream.decoded_frames(self._utterance, self._position, self._position + self.chunk_frames(frames))
 
-    def next(self, frames: int | None = None) -> np.ndarray:
+    def next(self, frames: int | None = None, *, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """Decode the next ``frames`` speech frames (None: all that is left, in one call).
 
         Returns:
@@ -477,7 +502,7 @@ class ChunkedDecoding:
             raise ValueError("the utterance is decoded")
         start = self._position
         end = start + self.chunk_frames(frames)
-        window = self._stream.decode(self._utterance, start, end)
+        window = self._stream.decode(self._utterance, start, end, run_options=run_options)
         lo, _ = self._stream.decoded_span(self._utterance, start, end)
         # Place the window (it may start before the chunk, or after when its first frames are silent).
         at = (lo - start) * SAMPLES_PER_FRAME

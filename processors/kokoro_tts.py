@@ -14,6 +14,7 @@ slower than real time. Every decoder call goes through the process's
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
+import onnxruntime as ort
 import soxr
 from loguru import logger
 
@@ -43,7 +45,7 @@ _ONSET_THRESHOLD = 0.005
 _ONSET_KEEP_SECS = 0.01
 _CHUNK_SECS = 0.04
 # Predicted compute is inflated by this much before it is trusted against a deadline.
-_SAFETY = 1.15
+_SAFETY = 1.3
 # A gap in playback shorter than this is inaudible: it is no hole worth holding audio for.
 _HOLE_TOLERANCE_SECS = 0.05
 # While this little audio is buffered ahead of playback, the next chunk is urgent.
@@ -52,10 +54,20 @@ _URGENT_AHEAD_SECS = 0.3
 _UNSEEN_SPEECH_FRAMES = 60
 # Frames of speech per character of text, before the first sentence measures it.
 _FRAMES_PER_CHAR = 2.5
+# Seconds the front takes for a sentence, before one measures it; and how fast measurements move it.
+_FRONT_SECS = 0.05
+_SMOOTHING = 0.3
 # Held audio is released when no text has come for this long: the text is the bottleneck.
 _TEXT_STARVED_SECS = 0.3
 
+# How often a model call in progress checks whether its reply was interrupted.
+_POLL_SECS = 0.05
+
 T = TypeVar("T")
+
+
+class _Dropped(Exception):
+    """The reply a model call was for has been interrupted."""
 
 
 def trim_leading_silence(audio: np.ndarray, *, sample_rate: int) -> np.ndarray:
@@ -160,8 +172,9 @@ class KokoroTTSService(TTSService):
                 voices clip otherwise.
             first_clause_words: (min, max) words of a reply's first chunk of text,
                 spoken before its first sentence is complete; None waits for the sentence.
-            first_chunk_frames: Decoder frames (25 ms each) of the first audio a
-                waiting listener gets: the smaller, the sooner, the more compute.
+            first_chunk_frames: Decoder frames (25 ms each) of the shortest first audio
+                a waiting listener gets; the first chunk is a multiple of it, or the whole
+                sentence, whichever is predicted to start the reply soonest without a hole.
             min_chunk_frames: The shortest chunk decoded on its own.
             max_buffer_secs: The longest a reply's start is held while synthesis
                 slower than real time buffers it; past this it plays, and may pause
@@ -198,6 +211,7 @@ class KokoroTTSService(TTSService):
         self._min_chunk_frames = min_chunk_frames
         self._max_buffer_secs = max_buffer_secs
         self._frames_per_char = _FRAMES_PER_CHAR
+        self._front_secs = _FRONT_SECS
         self._jobs: deque[_Sentence | _ReplyEnd] = deque()
         self._jobs_changed = asyncio.Event()
         self._idle = asyncio.Event()
@@ -284,6 +298,8 @@ class KokoroTTSService(TTSService):
                     await self._speak(job.text, reply)
             except asyncio.CancelledError:
                 raise
+            except _Dropped:
+                pass
             except Exception as e:
                 logger.exception(f"{self}: synthesis failed for {job}")
                 await self.append_to_audio_context(job.context_id, ErrorFrame(error=f"Kokoro TTS failed: {e}"))
@@ -328,12 +344,15 @@ class KokoroTTSService(TTSService):
         return self._replies.get(reply.context_id) is reply
 
     async def _speak(self, text: str, reply: _Reply):
-        utterances = await self._compute(
-            lambda: self._kokoro.analyze_all(text, voice=self._voice, speed=self._speed, lang=self._lang),
+        utterances, secs = await self._compute(
+            lambda: self._timed(
+                functools.partial(self._kokoro.analyze_all, voice=self._voice, speed=self._speed, lang=self._lang), text
+            ),
             reply,
         )
+        self._front_secs += _SMOOTHING * (secs - self._front_secs)
         frames = sum(u.frames for u in utterances)
-        self._frames_per_char += 0.3 * (frames / max(1, len(text)) - self._frames_per_char)
+        self._frames_per_char += _SMOOTHING * (frames / max(1, len(text)) - self._frames_per_char)
         for i, utterance in enumerate(utterances):
             if not self._current(reply):
                 return
@@ -346,7 +365,12 @@ class KokoroTTSService(TTSService):
         while not decoding.done:
             frames = self._chunk_frames(decoding, reply)
             decoded = decoding.frames_decoded_for(frames)
-            audio, secs = await self._compute(lambda: self._timed(decoding.next, frames), reply)
+            options = ort.RunOptions()
+            audio, secs = await self._compute(
+                lambda: self._timed(functools.partial(decoding.next, run_options=options), frames),
+                reply,
+                abort=lambda: setattr(options, "terminate", True),
+            )
             self._speed_model.observe(frames=decoded, secs=secs)
             logger.trace(
                 f"{self}: decoded {decoded} frames in {secs:.2f}s"
@@ -382,8 +406,12 @@ class KokoroTTSService(TTSService):
         start = time.perf_counter()
         return fn(*args), time.perf_counter() - start
 
-    async def _compute(self, fn: Callable[[], T], reply: _Reply) -> T:
-        """Run a model call in a worker thread, in its turn, keeping the audio contexts alive."""
+    async def _compute(self, fn: Callable[[], T], reply: _Reply, *, abort: Callable[[], None] | None = None) -> T:
+        """Run a model call in a worker thread, in its turn, keeping the audio contexts alive.
+
+        Raises:
+            _Dropped: The reply was interrupted meanwhile; ``abort`` stopped the call.
+        """
         now = time.monotonic()
         if reply.playing or reply.held:
             # Audio in hand: urgent only when it is about to run out (held audio is
@@ -399,44 +427,86 @@ class KokoroTTSService(TTSService):
                 return fn()
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
-        interval = max(0.05, self._stop_frame_timeout_s / 3)
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=min(interval, self._until_cap(reply) or interval))
+                await asyncio.wait({task}, timeout=min(_POLL_SECS, self._until_cap(reply) or _POLL_SECS))
+                if not self._current(reply):
+                    raise _Dropped()
                 self._keep_alive()
                 if reply.held and self._until_cap(reply) == 0.0:
                     await self._release(reply)  # buffered long enough: play, even if a gap may follow
             return task.result()
         finally:
-            task.cancel()  # on an interruption: the thread finishes, its result is dropped
+            if not task.done() and abort is not None:
+                abort()  # the next reply gets the cores now, not when this chunk would be done
+            task.cancel()
 
     def _chunk_frames(self, decoding: ChunkedDecoding, reply: _Reply) -> int | None:
         """How many frames to decode next; None for all that is left, the cheapest way."""
-        rest = decoding.remaining
+        rest, begun = decoding.remaining, decoding.position > 0
         if not reply.playing and not reply.held:
-            frames = self._first_chunk_frames  # the listener is waiting for the first sound
+            frames = self._first_chunk(rest, reply)  # the listener is waiting for the first sound
         elif not reply.playing:
-            frames = self._chunk_to_start(rest, reply, buffered=reply.held_secs)
+            frames = self._chunk_to_start(rest, reply, buffered=reply.held_secs, begun=begun)
         else:
             ahead = reply.ahead(time.monotonic())
-            context = self._kokoro.context_frames
-            if self._speed_model.predict(self._min_chunk_frames + 2 * context) * _SAFETY > ahead:
-                # Behind: a gap comes whatever is decoded. Make it one gap, not a run of
-                # small chunks each slower than real time.
-                frames = self._chunk_to_start(rest, reply, buffered=ahead)
-            else:
-                frames = self._playing_chunk(rest, ahead)
+            frames = self._playing_chunk(rest, ahead, begun=begun)
+            if frames is None:
+                # Behind: a gap comes whatever is decoded. Make it one short gap, not a
+                # run of small chunks each slower than real time.
+                frames = self._chunk_to_start(rest, reply, buffered=ahead, begun=begun)
         return None if frames >= rest else frames
 
-    def _playing_chunk(self, rest: int, ahead: float) -> int:
-        """While the reply plays: all the rest if it is ready in time, else the most that is."""
-        speed, context = self._speed_model, self._kokoro.context_frames
-        if speed.predict(rest + 2 * context) * _SAFETY <= ahead:
+    def _cost(self, frames: int, *, first: bool, last: bool) -> float:
+        """Predicted seconds to decode a chunk of ``frames`` speech frames, with its context."""
+        decoded = frames + self._kokoro.overhead_frames(first=first, last=last)
+        return self._speed_model.predict(decoded) * _SAFETY
+
+    def _first_chunk(self, rest: int, reply: _Reply) -> int:
+        """The first chunk after which the reply can start soonest and play on without a hole.
+
+        A short first chunk sounds sooner but adds context to decode, which a CPU near
+        real time must then buffer for: on such a CPU the whole first sentence may be
+        the soonest start.
+        """
+        later = self._pending_frames(reply)
+        sizes = [*range(self._first_chunk_frames, rest - self._min_chunk_frames + 1, self._first_chunk_frames), rest]
+        best, soonest = rest, float("inf")
+        for frames in reversed(sizes):  # ties go to the larger chunk: less compute
+            start = self._start_after(frames, rest - frames, later)
+            if start < soonest - _HOLE_TOLERANCE_SECS:
+                best, soonest = frames, start
+        return best
+
+    def _start_after(self, first: int, rest: int, later: list[int]) -> float:
+        """Seconds until a reply whose first chunk is ``first`` frames can start, then play through.
+
+        The rest of each sentence is decoded in one piece, the cheapest way.
+        """
+        ready = self._cost(first, first=True, last=rest == 0)
+        start, audio = ready, first * FRAME_SECS
+        pieces = ([(rest, False)] if rest else []) + [(frames, True) for frames in later]
+        for frames, fresh in pieces:
+            ready += self._cost(frames, first=fresh, last=True) + (self._front_secs if fresh else 0.0)
+            start = max(start, ready - audio - _HOLE_TOLERANCE_SECS)
+            audio += frames * FRAME_SECS
+        return start
+
+    def _playing_chunk(self, rest: int, ahead: float, *, begun: bool) -> int | None:
+        """While the reply plays: all the rest if it is ready in time, else the most that is.
+
+        None when no chunk ready in time plays longer than it takes to make: cutting
+        would only fall further behind.
+        """
+        if self._cost(rest, first=not begun, last=True) <= ahead:
             return rest
-        frames = max(self._min_chunk_frames, speed.frames_within(ahead / _SAFETY) - 2 * context)
+        context = self._kokoro.overhead_frames(first=not begun, last=False)
+        frames = self._speed_model.frames_within(ahead / _SAFETY) - context
+        if frames < self._min_chunk_frames or frames * FRAME_SECS <= self._cost(frames, first=not begun, last=False):
+            return None
         return rest if rest - frames < self._min_chunk_frames else frames
 
-    def _chunk_to_start(self, rest: int, reply: _Reply, *, buffered: float) -> int:
+    def _chunk_to_start(self, rest: int, reply: _Reply, *, buffered: float, begun: bool) -> int:
         """The smallest chunk after which the reply, with ``buffered`` seconds in hand, never runs dry.
 
         Where none would do, as much as is ready when a hold must end (``max_buffer_secs``).
@@ -446,15 +516,15 @@ class KokoroTTSService(TTSService):
             lo, hi = self._min_chunk_frames, rest
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._plays_through(buffered + mid * FRAME_SECS, [rest - mid, *later]):
+                if self._plays_through(buffered + mid * FRAME_SECS, later, current=rest - mid):
                     hi = mid
                 else:
                     lo = mid + 1
             return lo
         if reply.playing:
             return rest  # the gap is coming anyway: the whole rest, the cheapest way
-        within = self._speed_model.frames_within(self._until_cap(reply)) - 2 * self._kokoro.context_frames
-        return max(self._min_chunk_frames, within)
+        context = self._kokoro.overhead_frames(first=not begun, last=False)
+        return max(self._min_chunk_frames, self._speed_model.frames_within(self._until_cap(reply) / _SAFETY) - context)
 
     def _until_cap(self, reply: _Reply) -> float:
         """Seconds left before a held reply must start playing."""
@@ -472,21 +542,25 @@ class KokoroTTSService(TTSService):
                 pending.append(int(len(job.text) * self._frames_per_char))
         return pending if ended else [*pending, _UNSEEN_SPEECH_FRAMES]
 
-    def _plays_through(self, buffered: float, pieces: list[int]) -> bool:
-        """Whether, starting now with ``buffered`` seconds, the pieces' speech never runs dry.
+    def _plays_through(self, buffered: float, later: list[int], *, current: int = 0) -> bool:
+        """Whether, starting now with ``buffered`` seconds, the reply's speech never runs dry.
 
         Plays the reply forward with the chunking used while playing: each chunk must
-        be decoded before the audio ahead of it has played out.
+        be decoded before the audio ahead of it has played out. ``current`` frames are
+        left of the sentence being decoded; ``later`` sentences are still to be analyzed.
         """
-        speed, context = self._speed_model, self._kokoro.context_frames
-        for rest in pieces:
+        pieces = ([(current, True)] if current else []) + [(frames, False) for frames in later]
+        for rest, begun in pieces:
+            cost = 0.0 if begun else self._front_secs
             while rest > 0:
-                frames = self._playing_chunk(rest, buffered)
-                cost = speed.predict(frames + 2 * context) * _SAFETY
+                frames = self._playing_chunk(rest, buffered - cost, begun=begun)
+                if frames is None:
+                    return False
+                cost += self._cost(frames, first=not begun, last=frames >= rest)
                 if cost > buffered + _HOLE_TOLERANCE_SECS:
                     return False
                 buffered += frames * FRAME_SECS - cost
-                rest -= frames
+                rest, begun, cost = rest - frames, True, 0.0
         return True
 
     # --- playout: hold, release, hand to pipecat -----------------------------------------
@@ -519,10 +593,12 @@ class KokoroTTSService(TTSService):
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         gain = min(reply.gain, self._peak_limit / peak) if peak > 0 else reply.gain
         if gain < reply.gain:
-            # A ramp over 10 ms, so the step in level is no click.
+            # A ramp over 10 ms, so the step in level is no click; it starts no higher than
+            # the ramp's own samples allow, so no peak inside it passes the limit either.
             ramp = np.full(len(audio), gain, dtype=np.float32)
             n = min(len(audio), int(0.01 * KOKORO_SAMPLE_RATE))
-            ramp[:n] = np.linspace(reply.gain, gain, n, dtype=np.float32)
+            start = min(reply.gain, self._peak_limit / max(float(np.max(np.abs(audio[:n]))), 1e-9))
+            ramp[:n] = np.linspace(start, gain, n, dtype=np.float32)
             reply.gain = gain
             return audio * ramp
         return audio * gain if gain != 1.0 else audio
@@ -532,15 +608,19 @@ class KokoroTTSService(TTSService):
         if self._until_cap(reply) == 0.0:
             return True
         decoding = reply.decoding
-        rest = [decoding.remaining] if decoding is not None and not decoding.done else []
-        return self._plays_through(reply.held_secs, [*rest, *self._pending_frames(reply)])
+        current = decoding.remaining if decoding is not None else 0
+        return self._plays_through(reply.held_secs, self._pending_frames(reply), current=current)
 
     async def _release(self, reply: _Reply):
         """Start playing what was held."""
         held, secs = reply.held, reply.held_secs
         reply.held, reply.held_secs, reply.playing = [], 0.0, True
         waited = time.monotonic() - reply.waiting_since
-        logger.debug(f"{self}: reply starts with {secs:.2f}s buffered after {waited:.2f}s of synthesis")
+        later = self._pending_frames(reply)
+        logger.debug(
+            f"{self}: reply starts with {secs:.2f}s buffered after {waited:.2f}s of synthesis"
+            f" ({sum(later) * FRAME_SECS:.1f}s of speech estimated still to make)"
+        )
         await self._send(held, secs, reply)
 
     async def _send(self, frames: list[TTSAudioRawFrame], secs: float, reply: _Reply):

@@ -135,7 +135,9 @@ class LlamaCppLLMService(LocalLLMService):
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
         await self.start_ttfb_metrics()
-        worker = asyncio.create_task(asyncio.to_thread(generate))
+        # While the reply's first words are spoken, the rest is written with what the cores leave.
+        run = self._budget.background(generate) if self._budget is not None else asyncio.to_thread(generate)
+        worker = asyncio.create_task(run)
         text, tokens = "", 0
         try:
             while (item := await queue.get()) is not _DONE:

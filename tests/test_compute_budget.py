@@ -87,3 +87,15 @@ def test_a_cancelled_background_caller_stops_waiting():
         start = time.monotonic()
         budget.yield_to_speech(cancelled=cancelled.is_set)
         assert 0.05 < time.monotonic() - start < 1.0
+
+
+async def test_background_work_runs_at_the_lowest_cpu_priority():
+    """The language model gets only the cycles synthesis leaves: the kernel, not a poll, enforces it."""
+    import os
+    import sys
+
+    budget = ComputeBudget()
+    niceness = await budget.background(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    if sys.platform.startswith("linux"):
+        assert niceness == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import jiwer
@@ -311,3 +312,18 @@ def test_measured_speed_predicts_a_decode(stream, sentence):
     decoding.next(40)
     took = time.perf_counter() - began
     assert speed.predict(frames) / 3 < took < speed.predict(frames) * 3
+
+
+def test_a_decode_in_progress_stops_when_terminated(stream, sentence):
+    """An interrupted reply's chunk gives the cores back at once, not when it would be done."""
+    started = time.perf_counter()
+    stream.decode(sentence, 0, sentence.frames)
+    whole_secs = time.perf_counter() - started
+
+    options = ort.RunOptions()
+    timer = threading.Timer(0.1 * whole_secs, lambda: setattr(options, "terminate", True))
+    timer.start()
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="(?i)terminate"):
+        stream.decode(sentence, 0, sentence.frames, run_options=options)
+    assert time.perf_counter() - started < 0.6 * whole_secs
