@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -134,6 +134,36 @@ class TTSConfig(_Section):
     max_buffer_secs: float = Field(30.0, ge=0)
 
 
+class TwilioConfig(_Section):
+    enabled: bool = True
+    # Both from the Twilio console; secrets belong in the environment
+    # (VOXBOT_TELEPHONY__TWILIO__AUTH_TOKEN) and are never logged.
+    account_sid: str | None = None
+    auth_token: SecretStr | None = None  # null: webhook signatures unchecked, no REST hang-up
+    rest_base_url: str = "https://api.twilio.com"
+
+
+class TelnyxConfig(_Section):
+    enabled: bool = True
+    api_key: SecretStr | None = None  # answers calls and hangs up through call control
+    public_key: str | None = None  # base64 Ed25519 key from the portal; null: webhooks unchecked
+    rest_base_url: str = "https://api.telnyx.com"
+    codec: Literal["PCMU", "PCMA"] = "PCMU"
+    max_clock_skew_s: float = Field(300.0, gt=0)
+
+
+class TelephonyConfig(_Section):
+    # The URL the carrier calls (what Twilio signs); null: taken from each request's Host.
+    public_base_url: str | None = None
+    stream_token_ttl_s: float = Field(30.0, gt=0)
+    idle_hangup_secs: float | None = Field(30.0, gt=0)
+    farewell: str = "Thanks for calling. Goodbye."
+    goodbye_words: list[str] = Field(default_factory=lambda: ["goodbye", "bye"])
+    hangup_mark_timeout_s: float = Field(3.0, ge=0)
+    twilio: TwilioConfig = TwilioConfig()
+    telnyx: TelnyxConfig = TelnyxConfig()
+
+
 class TracingConfig(_Section):
     dir: Path = Path("logs/latency")
     status_turns: int = Field(50, ge=1)
@@ -158,6 +188,7 @@ class Config(BaseSettings):
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
     tracing: TracingConfig = TracingConfig()
+    telephony: TelephonyConfig = TelephonyConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -114,6 +114,7 @@ async def run_conversation(
     session_id: str | None = None,
     build=build_bot,
     observers: list[BaseObserver] | None = None,
+    make_transport=ScriptedTransport,
 ) -> ConversationResult:
     """Play the cues as the user, record the bot, and measure every turn.
 
@@ -127,10 +128,12 @@ async def run_conversation(
         session_id: Names the trace file.
         build: Makes the bot for a transport (the stock baseline passes its own).
         observers: Watch the session's frames beside the latency tracer.
+        make_transport: The scripted transport's class (a phone line passes one that
+            carries the audio through a carrier's codec).
     """
     rate = config.audio.in_sample_rate
     session_id = session_id or f"talk-{uuid.uuid4().hex[:8]}"
-    transport = ScriptedTransport(
+    transport = make_transport(
         cues=cues,
         in_sample_rate=rate,
         out_sample_rate=config.audio.out_sample_rate,

@@ -21,6 +21,7 @@ from bot.config import Config
 from bot.models import Models, load_models
 from bot.pipeline import build_pipeline
 from bot.tracing import LatencyTracer, TurnTrace, percentile
+from transports.telephony import CARRIERS, mount_carriers
 from transports.websocket import ClientEventsObserver, create_websocket_transport
 
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +42,11 @@ class Metrics:
             buckets=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0),
             registry=self.registry,
         )
+        self.calls = Gauge("voxbot_calls_active", "Open phone calls", ["carrier"], registry=self.registry)
+        self.calls_total = Counter("voxbot_calls_total", "Phone calls started", ["carrier"], registry=self.registry)
+        for carrier in CARRIERS:
+            self.calls.labels(carrier=carrier)
+            self.calls_total.labels(carrier=carrier)
 
 
 class BotState:
@@ -52,9 +58,26 @@ class BotState:
         self.load_error: str | None = None
         self.started = time.monotonic()
         self.ready_after: float | None = None
-        self.active_sessions = 0
+        self.active_sessions = 0  # browser sessions
+        self.active_calls: dict[str, int] = {carrier: 0 for carrier in CARRIERS}
+        self.calls_total: dict[str, int] = {carrier: 0 for carrier in CARRIERS}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.recent_turns: list[TurnTrace] = []
         self.metrics = Metrics()
+
+    def has_room(self) -> bool:
+        """Browser sessions and phone calls share the models, and ``server.max_sessions``."""
+        return self.active_sessions + sum(self.active_calls.values()) < self.config.server.max_sessions
+
+    def call_started(self, carrier: str) -> None:
+        self.active_calls[carrier] = self.active_calls.get(carrier, 0) + 1
+        self.calls_total[carrier] = self.calls_total.get(carrier, 0) + 1
+        self.metrics.calls.labels(carrier=carrier).inc()
+        self.metrics.calls_total.labels(carrier=carrier).inc()
+
+    def call_ended(self, carrier: str) -> None:
+        self.active_calls[carrier] -= 1
+        self.metrics.calls.labels(carrier=carrier).dec()
 
     def record_turn(self, turn: TurnTrace) -> None:
         self.recent_turns = (self.recent_turns + [turn])[-self.config.tracing.status_turns :]
@@ -78,6 +101,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         loader = asyncio.create_task(load())
         yield
         loader.cancel()
@@ -85,6 +109,8 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
     app = FastAPI(title="voxbot", lifespan=lifespan)
     app.state.bot = state
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Phone calls: each carrier's webhook and media socket (transports/telephony/).
+    mount_carriers(app, state, CARRIERS)
 
     @app.get("/")
     async def index():
@@ -108,6 +134,10 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
             "ready": state.models is not None,
             "models": state.models.describe() if state.models else None,
             "active_sessions": state.active_sessions,
+            "calls": {
+                carrier: {"active": state.active_calls[carrier], "total": state.calls_total[carrier]}
+                for carrier in state.active_calls
+            },
             "turns": len(state.recent_turns),
             "voice_to_voice_ms": {"p50": percentile(v2v, 50), "p95": percentile(v2v, 95)},
             "recent_turns": [t.__dict__ for t in state.recent_turns[-10:]],
@@ -128,7 +158,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
             await websocket.send_json({"type": "error", "message": "models are still loading; retry when /ready"})
             await websocket.close(code=1013)
             return
-        if state.active_sessions >= config.server.max_sessions:
+        if not state.has_room():
             state.metrics.rejected.inc()
             await websocket.send_json({"type": "error", "message": "server is full; retry later"})
             await websocket.close(code=1013)

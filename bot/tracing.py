@@ -55,6 +55,8 @@ _SPEECH_OVER_QUIET = 4.0
 # How far before the VAD's own bound the onset of speech is looked for.
 _ONSET_LOOKBACK_MS = 400.0
 # Input frame levels kept to find the speech end (a few seconds of audio).
+# A barge-in turn opens this soon after the transcript that decided it.
+_BARGE_IN_WORDS_MS = 500.0
 _LEVELS_KEPT = 200
 
 
@@ -156,6 +158,8 @@ class LatencyTracer(BaseObserver):
         self._last_audio_out_ms: float | None = None
         # (push time in ms, peak level) of recent input audio frames.
         self._levels: deque[tuple[float, float]] = deque(maxlen=_LEVELS_KEPT)
+        # (time in ms, text) of a transcript no turn took: the words that start a barge-in.
+        self._unclaimed: tuple[float, str] | None = None
 
     @property
     def path(self) -> Path | None:
@@ -208,6 +212,10 @@ class LatencyTracer(BaseObserver):
             return
 
         turn = self._current
+        if isinstance(frame, TranscriptionFrame) and (turn is None or turn.generation_start_ms is not None):
+            # Words heard over the bot: when they barge in, the new turn opens right after them.
+            self._unclaimed = (t, frame.text)
+            return
         if turn is None:
             return
         if isinstance(frame, VADUserStoppedSpeakingFrame) and turn.generation_start_ms is None:
@@ -256,7 +264,10 @@ class LatencyTracer(BaseObserver):
 
     async def _open_turn(self, t: float):
         if self._current is not None:
-            if self._bot_speaking:
+            # A reply that sounded and has not ended is cut, even paused or in a gap (a
+            # paused reply soon reads as "bot stopped speaking" to pipecat).
+            sounded = self._current.first_audio_out_ms is not None and self._current.bot_end_ms is None
+            if self._bot_speaking or sounded:
                 self._cut(self._current, t)
             self._current.bot_end_ms = self._current.bot_end_ms or t
             self._close_turn()
@@ -265,6 +276,9 @@ class LatencyTracer(BaseObserver):
             turn=len(self.turns),
             user_speech_start_ms=self._speech_start_ms if self._speech_start_ms is not None else t,
         )
+        if self._unclaimed is not None and t - self._unclaimed[0] <= _BARGE_IN_WORDS_MS:
+            self._current.transcript_ms, self._current.user_text = self._unclaimed
+        self._unclaimed = None
 
     def _cut(self, turn: TurnTrace, t: float) -> None:
         """The user barged in: the bot's speech ended with the last audio it sent."""

@@ -327,3 +327,39 @@ async def test_a_gap_in_the_bots_voice_does_not_end_its_turn(tmp_path):
     (turn,) = tracer.turns
     assert turn.bot_end_ms == pytest.approx(9010)
     assert turn.bot_text == " ".join(ANSWER)
+
+
+async def test_the_words_that_decide_a_barge_in_belong_to_the_turn_they_open(tmp_path):
+    """Words over the bot are transcribed before they open their turn: that turn keeps them."""
+    tracer = _tracer(tmp_path)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400)
+    await session.bot_reply(start=2700, speak_ms=None)
+    await session.push(VADUserStartedSpeakingFrame(start_secs=0.2), at=4000, source=session.user, broadcast=True)
+    await session.push(
+        VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP_SECS), at=5400, source=session.user, broadcast=True
+    )
+    # The final transcript decides: real words, a barge-in, and only then the turn opens.
+    await session.push(TranscriptionFrame("Wait, what is two plus two?", "user", "now"), at=5650, source=session.stt)
+    await session.push(UserStartedSpeakingFrame(), at=5651, source=session.user, broadcast=True)
+    await session.push(InterruptionFrame(), at=5652, source=session.user, broadcast=True)
+    await session.push(UserStoppedSpeakingFrame(), at=5660, source=session.user, broadcast=True)
+    await session.bot_reply(start=5700)
+
+    first, second = tracer.turns
+    assert first.interrupted is True and first.user_text == QUESTION
+    assert second.user_text == "Wait, what is two plus two?"
+
+
+async def test_a_reply_paused_under_the_users_words_is_cut_when_they_barge_in(tmp_path):
+    """The output holds a reply while words decide; pipecat reports the bot stopped; it was still cut."""
+    tracer = _tracer(tmp_path)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400)
+    await session.bot_reply(start=2700, speak_ms=None)
+    await session.push(VADUserStartedSpeakingFrame(start_secs=0.2), at=4000, source=session.user, broadcast=True)
+    await session.push(BotStoppedSpeakingFrame(), at=5000, source=session.output, broadcast=True)
+    await session.push(UserStartedSpeakingFrame(), at=5651, source=session.user, broadcast=True)
+
+    [first] = tracer.turns
+    assert first.interrupted is True
