@@ -463,10 +463,6 @@ class ChunkedDecoding:
         self._tail = np.zeros(0, dtype=np.float32)  # decoded past the last chunk's end
 
     @property
-    def context_frames(self) -> int:
-        return self._stream.context_frames
-
-    @property
     def position(self) -> int:
         """Speech frames decoded so far."""
         return self._position
