@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from bot.config import Config
 from bot.models import Models
-from bot.server import create_server
+from bot.server import BotState, create_server
 
 
 @contextmanager
@@ -19,6 +19,13 @@ def serve(config: Config, *, models: Models | None) -> Iterator[str]:
     It runs in its own thread and event loop, as it would in its own process: a
     slow test client cannot stall it, nor it the client.
     """
+    with serve_app(config, models=models) as (host, _):
+        yield host
+
+
+@contextmanager
+def serve_app(config: Config, *, models: Models | None) -> Iterator[tuple[str, BotState]]:
+    """Like :func:`serve`, and also yields the app's state (its event loop, its counts)."""
     server = create_server(config, host="127.0.0.1", port=0, models=models)
     thread = threading.Thread(target=server.run, name="voxbot-server", daemon=True)
     thread.start()
@@ -29,7 +36,7 @@ def serve(config: Config, *, models: Models | None) -> Iterator[str]:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", server.config.app.state.bot
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -13,9 +13,7 @@ import base64
 import json
 import os
 import re
-import threading
 import time
-from contextlib import contextmanager
 from types import SimpleNamespace
 from xml.etree import ElementTree
 
@@ -39,9 +37,9 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from bot.config import Config
 from bot.conversation import run_conversation
 from bot.scenarios import Speaker, build_cues, load_scenarios
-from bot.server import create_app, create_server
+from bot.server import create_app
 from tests.conftest import silence
-from tests.live_server import serve
+from tests.live_server import serve, serve_app
 from tests.phone_caller import CarrierAPI, PhoneCaller, g711_decode, g711_encode
 from tests.phone_line import PhoneLineTransport
 from tests.test_scenarios import check_scenario
@@ -399,25 +397,6 @@ QUESTION = "What is the capital of France?"
 STORY = "Tell me a long story about a brave little dragon."
 OVER_THE_BOT = "Wait, stop. What is two plus two?"
 IDLE_HANGUP_SECS = 6.0
-
-
-@contextmanager
-def serve_app(config: Config, *, models):
-    """Like tests.live_server.serve, and also yields the app's state (its event loop, its counts)."""
-    server = create_server(config, host="127.0.0.1", port=0, models=models)
-    thread = threading.Thread(target=server.run, name="voxbot-phone-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"127.0.0.1:{port}", server.config.app.state.bot
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
