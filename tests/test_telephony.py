@@ -40,7 +40,7 @@ from bot.scenarios import Speaker, build_cues, load_scenarios
 from bot.server import create_app
 from tests.conftest import silence
 from tests.live_server import serve, serve_app
-from tests.phone_caller import CarrierAPI, PhoneCaller, g711_decode, g711_encode
+from tests.phone_caller import CarrierAPI, PhoneCaller, g711_decode, g711_encode, is_loud
 from tests.phone_line import PhoneLineTransport
 from tests.test_scenarios import check_scenario
 from transports.telephony import CARRIERS, TokenStore
@@ -405,8 +405,7 @@ def carrier_api():
         yield api
 
 
-@pytest.fixture(scope="module")
-def phone_server(base_config, models, carrier_api):
+def _phone_server(base_config, models, carrier_api):
     config = base_config.model_copy(deep=True)
     tel = config.telephony
     tel.idle_hangup_secs = IDLE_HANGUP_SECS
@@ -414,6 +413,17 @@ def phone_server(base_config, models, carrier_api):
     tel.telnyx.api_key, tel.telnyx.rest_base_url = SecretStr(API_KEY), carrier_api.url
     with serve_app(config, models=models) as (host, state):
         yield SimpleNamespace(host=host, state=state, config=config)
+
+
+@pytest.fixture(scope="module")
+def phone_server(base_config, models, carrier_api):
+    yield from _phone_server(base_config, models, carrier_api)
+
+
+@pytest.fixture(scope="module")
+def slow_phone_server(base_config, slow_models, carrier_api):
+    """The same server on a CPU that synthesizes SLOW_FACTOR times slower."""
+    yield from _phone_server(base_config, slow_models, carrier_api)
 
 
 def _bot_tasks(state) -> list[str]:
@@ -437,6 +447,24 @@ async def _until(check, what: str, timeout: float = TIMEOUT):
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def _talk_over_the_bot(caller: PhoneCaller, speech: np.ndarray, *, heard_secs: float = 1.0) -> float:
+    """Speak over the reply once ``heard_secs`` of it have arrived and it is still arriving.
+
+    Counted in the bot's audio, not in wall time: on a slow CPU the reply takes longer to
+    get that far, and a reply that has already ended is not talked over.
+    """
+    received = caller.received
+
+    def playing() -> bool:
+        loud = [(at, audio) for at, audio in received.media if at >= caller.speech_end and is_loud(audio)]
+        return sum(len(a) for _, a in loud) / 8000 >= heard_secs and time.monotonic() - loud[-1][0] < 0.1
+
+    await _until(playing, f"{heard_secs} s of the bot's reply")
+    barge_in = time.monotonic()
+    await caller.say(speech, sample_rate=8000)
+    return barge_in
 
 
 async def _status(host: str) -> dict:
@@ -525,15 +553,14 @@ async def test_twilio_call_answers_aloud_then_says_goodbye_and_hangs_up(phone_se
     assert any(s.labels["carrier"] == "twilio" and s.value >= 1 for s in calls.samples if s.name == "voxbot_calls_total")
 
 
-async def test_twilio_talking_over_the_bot_clears_the_carrier_and_stop_ends_the_call(phone_server, carrier_api, phone_speech):
-    host, state = phone_server.host, phone_server.state
+@pytest.mark.parametrize("cpu", ["this CPU", "synthesis slowed"])
+async def test_twilio_talking_over_the_bot_clears_the_carrier_and_stop_ends_the_call(cpu, request, carrier_api, phone_speech):
+    server = request.getfixturevalue("phone_server" if cpu == "this CPU" else "slow_phone_server")
+    host, state = server.host, server.state
     call_sid = "CA" + "2" * 32
     caller = await _twilio_call(host, call_sid)
     await caller.say(np.concatenate([phone_speech(STORY), silence(0.3, sample_rate=8000)]), sample_rate=8000)
-    await _until(lambda: caller.received.first_loud_after(caller.speech_end), "bot audio")
-    await asyncio.sleep(1.5)  # well into the story
-    barge_in = time.monotonic()
-    await caller.say(np.concatenate([phone_speech(OVER_THE_BOT), silence(0.5, sample_rate=8000)]), sample_rate=8000)
+    barge_in = await _talk_over_the_bot(caller, np.concatenate([phone_speech(OVER_THE_BOT), silence(0.5, sample_rate=8000)]))
     await _until(lambda: any(t > barge_in for t in caller.received.clears), "clear after talking over the bot", timeout=30)
 
     await caller.hang_up()
@@ -557,10 +584,7 @@ async def test_telnyx_call_in_alaw_with_jitter_barge_in_and_stop(phone_server, c
     await caller.start()
 
     await caller.say(np.concatenate([phone_speech(STORY), silence(0.3, sample_rate=8000)]), sample_rate=8000)
-    await _until(lambda: caller.received.first_loud_after(caller.speech_end), "bot audio")
-    await asyncio.sleep(1.5)
-    barge_in = time.monotonic()
-    await caller.say(np.concatenate([phone_speech(OVER_THE_BOT), silence(0.5, sample_rate=8000)]), sample_rate=8000)
+    barge_in = await _talk_over_the_bot(caller, np.concatenate([phone_speech(OVER_THE_BOT), silence(0.5, sample_rate=8000)]))
     await _until(lambda: any(t > barge_in for t in caller.received.clears), "clear after talking over the bot", timeout=30)
     # The answer to the barge-in: what the bot sends after the clear (and after the question).
     asked = max(caller.speech_end, next(t for t in caller.received.clears if t > barge_in))
