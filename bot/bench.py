@@ -49,6 +49,10 @@ class StackResult:
                 "voice_to_voice_ms": t.voice_to_voice_ms,
                 "holes": len(t.holes_ms),
                 "longest_hole_ms": max(t.holes_ms, default=0.0),
+                "preemptive_attempts": t.trace.preemptive_attempts,
+                "preemptive_adopted": t.trace.preemptive_adopted,
+                "wasted_tokens": t.trace.preemptive_wasted_tokens,
+                "wasted_synthesis_ms": t.trace.preemptive_wasted_synthesis_ms,
             }
             for t in result.turns
             if t.voice_to_voice_ms is not None
@@ -76,6 +80,14 @@ class StackResult:
             "turns_with_holes_over_150ms": sum(1 for t in self.per_turn if t["longest_hole_ms"] > HOLE_MS),
             "longest_hole_ms": max((t["longest_hole_ms"] for t in self.per_turn), default=0.0),
             "per_turn": self.per_turn,
+            # Preemptive replies: the share of answered turns that played one, and what the cancelled cost.
+            "preemptive_adopted_share": (
+                round(sum(t["preemptive_adopted"] for t in self.per_turn) / len(self.per_turn), 2) if self.per_turn else None
+            ),
+            "wasted_tokens_per_turn": _round(sum(t["wasted_tokens"] for t in self.per_turn) / max(1, len(self.per_turn))),
+            "wasted_synthesis_ms_per_turn": _round(
+                sum(t["wasted_synthesis_ms"] for t in self.per_turn) / max(1, len(self.per_turn))
+            ),
             "barge_in_stop_p50_ms": _round(percentile(self.barge_in_stop_ms, 50)),
             "barge_in_missed": self.barge_in_missed,
             "false_stops": self.false_stops,

@@ -152,7 +152,9 @@ def bench(
                 f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns;"
                 f" barge-in stop p50 {s['barge_in_stop_p50_ms']} ms ({s['barge_in_missed']} missed);"
                 f" {s['false_stops']} false stops; {s['turns_with_holes_over_150ms']} replies with a hole"
-                f" over 150 ms (longest {s['longest_hole_ms']} ms)"
+                f" over 150 ms (longest {s['longest_hole_ms']} ms); preemptive reply played in"
+                f" {s['preemptive_adopted_share']} of turns, wasted {s['wasted_tokens_per_turn']} tokens and"
+                f" {s['wasted_synthesis_ms_per_turn']} ms of synthesis per turn"
             )
             for t in s["per_turn"]:
                 typer.echo(

@@ -61,6 +61,9 @@ class TurnsConfig(_Section):
     pause_on_speech: bool = True
     resume_after_secs: float = Field(0.5, ge=0)
     max_pause_secs: float = Field(2.0, gt=0)
+    preemptive: bool = False
+    preemptive_max_attempts: int = Field(2, ge=1)
+    preemptive_max_speech_secs: float = Field(10.0, gt=0)
 
 
 class WhisperConfig(_Section):

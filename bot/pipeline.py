@@ -32,6 +32,7 @@ from bot.models import Models
 from processors.barge_in import BargeInUserTurnStartStrategy
 from processors.bot_voice import BotVoice, PlaybackMonitor
 from processors.kokoro_tts import KokoroTTSService
+from processors.preemptive import PreemptiveUserTurnStopStrategy
 from processors.responder import LlamaCppLLMService
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
 from processors.whisper_stt import WhisperSTTService
@@ -59,6 +60,9 @@ def build_stt(config: Config, models: Models, *, bot_voice: BotVoice) -> FramePr
             speculate_after_secs=config.stt.whisper.speculate_after_secs,
             budget=models.budget,
             trailing_silence_secs=config.stt.trailing_silence_secs,
+            # Its speculative transcript starts a preemptive reply.
+            enable_eager_end_of_turn=config.turns.preemptive,
+            preemptive_max_speech_secs=config.turns.preemptive_max_speech_secs,
         )
     if models.stt_engine == "voxtral":
         # torch and transformers are the optional `voxtral` extra: imported only when chosen.
@@ -93,6 +97,8 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
             system_prompt=config.llm.system_prompt,
             max_tokens=config.llm.max_tokens,
             temperature=config.llm.temperature,
+            # A preemptive reply's text goes on to the TTS, which holds its first audio.
+            speculation_held_downstream=True,
         )
     if config.llm.engine == "openai":
         from pipecat.services.openai.llm import OpenAILLMService
@@ -115,6 +121,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
             system_prompt=config.llm.system_prompt,
             max_tokens=config.llm.max_tokens,
             temperature=config.llm.temperature,
+            speculation_held_downstream=True,
         )
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 
@@ -142,6 +149,13 @@ def build_turn_strategies(config: Config, *, bot_voice: BotVoice) -> UserTurnStr
         from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 
         stop = [TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]
+    elif turns.preemptive:
+        # The speech timeout ends the turn; Whisper's early transcript starts the reply before it.
+        stop = [
+            PreemptiveUserTurnStopStrategy(
+                user_speech_timeout=turns.user_speech_timeout, max_attempts=turns.preemptive_max_attempts
+            )
+        ]
     else:
         stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=turns.user_speech_timeout)]
     return UserTurnStrategies(start=start, stop=stop)

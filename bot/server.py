@@ -42,6 +42,20 @@ class Metrics:
             buckets=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0),
             registry=self.registry,
         )
+        self.preemptive = Counter(
+            "voxbot_preemptive_replies_total", "Replies started before the turn end was confirmed", ["outcome"],
+            registry=self.registry,
+        )
+        self.preemptive_tokens = Counter(
+            "voxbot_preemptive_wasted_tokens_total", "Tokens generated for preemptive replies then cancelled",
+            registry=self.registry,
+        )
+        self.preemptive_synthesis = Counter(
+            "voxbot_preemptive_wasted_synthesis_seconds_total", "Synthesis time spent on preemptive replies then cancelled",
+            registry=self.registry,
+        )
+        for outcome in ("adopted", "cancelled"):
+            self.preemptive.labels(outcome=outcome)
         self.calls = Gauge("voxbot_calls_active", "Open phone calls", ["carrier"], registry=self.registry)
         self.calls_total = Counter("voxbot_calls_total", "Phone calls started", ["carrier"], registry=self.registry)
         for carrier in CARRIERS:
@@ -84,6 +98,11 @@ class BotState:
         self.metrics.turns.labels(interrupted=str(turn.interrupted).lower()).inc()
         if turn.voice_to_voice_ms is not None:
             self.metrics.v2v.observe(turn.voice_to_voice_ms / 1000)
+        adopted = int(turn.preemptive_adopted)
+        self.metrics.preemptive.labels(outcome="adopted").inc(adopted)
+        self.metrics.preemptive.labels(outcome="cancelled").inc(max(0, turn.preemptive_attempts - adopted))
+        self.metrics.preemptive_tokens.inc(turn.preemptive_wasted_tokens)
+        self.metrics.preemptive_synthesis.inc(turn.preemptive_wasted_synthesis_ms / 1000)
 
 
 def create_app(config: Config, *, models: Models | None = None) -> FastAPI:

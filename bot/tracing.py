@@ -18,6 +18,7 @@ from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     CancelFrame,
+    EagerEndOfTurnCancelFrame,
     EndFrame,
     InputAudioRawFrame,
     InterruptionFrame,
@@ -30,6 +31,7 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
     TTSTextFrame,
     UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -38,6 +40,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transports.base_output import BaseOutputTransport
 
 from processors.audio_level import pcm_peak
+from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
 
 # Stage name -> (from event, to event); each is a duration in the trace.
 STAGES = {
@@ -94,6 +97,12 @@ class TurnTrace:
     generated_text: str = ""
     stages: dict[str, float] = field(default_factory=dict)
     voice_to_voice_ms: float | None = None
+    # Preemptive replies started on the words heard early; whether the one played was
+    # one of them (then generation began before the transcript); what the others cost.
+    preemptive_attempts: int = 0
+    preemptive_adopted: bool = False
+    preemptive_wasted_tokens: int = 0
+    preemptive_wasted_synthesis_ms: float = 0.0
 
     def finish(self) -> None:
         for name, (a, b) in STAGES.items():
@@ -160,6 +169,9 @@ class LatencyTracer(BaseObserver):
         self._levels: deque[tuple[float, float]] = deque(maxlen=_LEVELS_KEPT)
         # (time in ms, text) of a transcript no turn took: the words that start a barge-in.
         self._unclaimed: tuple[float, str] | None = None
+        # The preemptive reply in flight: its generation start, first token and text,
+        # the turn's once the turn is confirmed.
+        self._preemptive: TurnTrace | None = None
 
     @property
     def path(self) -> Path | None:
@@ -212,6 +224,8 @@ class LatencyTracer(BaseObserver):
             return
 
         turn = self._current
+        if turn is not None and self._trace_preemptive(frame, t, turn):
+            return
         if isinstance(frame, TranscriptionFrame) and (turn is None or turn.generation_start_ms is not None):
             # Words heard over the bot: when they barge in, the new turn opens right after them.
             self._unclaimed = (t, frame.text)
@@ -238,6 +252,37 @@ class LatencyTracer(BaseObserver):
             turn.tts_start_ms = turn.tts_start_ms or t
         elif isinstance(frame, TTSAudioRawFrame):
             turn.first_tts_audio_ms = turn.first_tts_audio_ms or t
+
+    def _trace_preemptive(self, frame, t: float, turn: TurnTrace) -> bool:
+        """Follow a preemptive reply; True when the frame was its and is accounted for."""
+        if isinstance(frame, SpeculativeReplyFrame):
+            turn.preemptive_attempts += 1
+            self._preemptive = TurnTrace(session_id=self.session_id, turn=turn.turn, generation_start_ms=t)
+            return True
+        if isinstance(frame, PreemptionWasteFrame):
+            turn.preemptive_wasted_tokens += frame.tokens
+            turn.preemptive_wasted_synthesis_ms += round(frame.synthesis_secs * 1000, 1)
+            return True
+        early = self._preemptive
+        if early is None:
+            return False
+        if isinstance(frame, EagerEndOfTurnCancelFrame):
+            self._preemptive = None
+            return True
+        if isinstance(frame, UserStoppedSpeakingFrame):
+            # The turn ended with the words it answers: it is the reply.
+            self._preemptive = None
+            turn.preemptive_adopted = True
+            turn.generation_start_ms, turn.first_token_ms = early.generation_start_ms, early.first_token_ms
+            turn.generated_text = early.generated_text
+            return False
+        if isinstance(frame, LLMFullResponseStartFrame):
+            return True
+        if isinstance(frame, LLMTextFrame):
+            early.first_token_ms = early.first_token_ms or t
+            early.generated_text += frame.text
+            return True
+        return False
 
     def _speech_end_ms(self, *, vad_stop_ms: float) -> float:
         """When the user stopped speaking, judged on the audio the bot received.
@@ -271,6 +316,7 @@ class LatencyTracer(BaseObserver):
                 self._cut(self._current, t)
             self._current.bot_end_ms = self._current.bot_end_ms or t
             self._close_turn()
+        self._preemptive = None
         self._current = TurnTrace(
             session_id=self.session_id,
             turn=len(self.turns),

@@ -9,6 +9,11 @@ is held until what is buffered covers what is still to be made at this
 machine's measured speed, so the reply plays without a hole even on a CPU
 slower than real time. Every decoder call goes through the process's
 :class:`ComputeBudget`, so the speech a listener waits for is made first.
+
+A preemptive reply (processors/preemptive.py) is held here, by pipecat's
+:class:`SpeculationGate` on everything this service sends: its first chunk is made
+at the lowest priority, then it waits. Once the turn is confirmed it plays at
+once; once withdrawn it is dropped, and nothing of it went downstream.
 """
 
 from __future__ import annotations
@@ -26,15 +31,27 @@ import onnxruntime as ort
 import soxr
 from loguru import logger
 
-from pipecat.frames.frames import EndFrame, ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    InterruptionFrame,
+    LLMFullResponseStartFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+    UserStoppedSpeakingFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.turns.speculation_gate import SpeculationGate
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from processors.compute_budget import ComputeBudget
 from processors.first_clause_aggregator import FirstClauseAggregator
 from processors.kokoro_stream import ChunkedDecoding, KokoroStream, Utterance
+from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
 from processors.synthesis_speed import FRAME_SECS, SynthesisSpeed
 from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
@@ -124,6 +141,7 @@ class _Reply:
     resume_by: float = 0.0  # ...and plays on by itself by then
     gain: float = 1.0
     holes: list[float] = field(default_factory=list)
+    compute_secs: float = 0.0  # model time spent on it: wasted if it is a preemptive reply cancelled
     decoding: ChunkedDecoding | None = None
     resampler: soxr.ResampleStream | None = None
 
@@ -218,6 +236,9 @@ class KokoroTTSService(TTSService):
         self._idle.set()
         self._replies: dict[str, _Reply] = {}
         self._loop_task: asyncio.Task | None = None
+        self._speculation = SpeculationGate(name=f"{self}::SpeculationGate")
+        self._speculative_context: str | None = None  # the preemptive reply's audio context
+        self._speculation_settled = asyncio.Event()
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -245,6 +266,7 @@ class KokoroTTSService(TTSService):
         self._replies.pop(context_id, None)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
+        speculative = self._speculative_reply()
         if isinstance(frame, EndFrame):
             # A graceful end lets the last words be spoken (a farewell is not cut off).
             await self._idle.wait()
@@ -252,7 +274,58 @@ class KokoroTTSService(TTSService):
             self._hold_playout(max_secs=frame.max_secs)
         elif isinstance(frame, ResumePlaybackFrame):
             self._resume_playout(after_secs=frame.after_secs)
+        elif isinstance(frame, SpeculativeReplyFrame):
+            # Unless the turn already ended (its frame overtakes queued ones): then it is no speculation.
+            self._speculation.begin_speculation(True)
+        elif isinstance(frame, EagerEndOfTurnCancelFrame) and self._speculation.is_speculating:
+            await self._drop_speculation(direction)
+        elif isinstance(frame, UserStoppedSpeakingFrame) and speculative is not None:
+            speculative.waiting_since = time.monotonic()  # the listener waits from now
         await super().process_frame(frame, direction)
+        if isinstance(frame, LLMFullResponseStartFrame) and self._speculation.is_speculating:
+            self._speculative_context = self._turn_context_id
+        if isinstance(frame, (UserStoppedSpeakingFrame, EagerEndOfTurnCancelFrame, InterruptionFrame)):
+            self._speculation_settled.set()
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        # Nothing of a preemptive reply leaves before its turn is confirmed, as in pipecat's LLMService.
+        for gated, gated_direction in self._speculation.process(frame, direction):
+            await super().push_frame(gated, gated_direction)
+
+    def _speculative_reply(self) -> _Reply | None:
+        if self._speculation.is_speculating and self._speculative_context:
+            return self._replies.get(self._speculative_context)
+        return None
+
+    def _is_speculative(self, reply: _Reply) -> bool:
+        return self._speculation.is_speculating and reply.context_id == self._speculative_context
+
+    async def _drop_speculation(self, direction: FrameDirection):
+        """The turn went on, or its words changed: the preemptive reply is never heard."""
+        context_id, self._speculative_context = self._speculative_context, None
+        reply = self._replies.pop(context_id, None) if context_id else None  # stops a decode in progress
+        self._jobs = deque(job for job in self._jobs if job.context_id != context_id)
+        await self._start_interruption()  # its text still queued here goes too
+        await self._handle_interruption(InterruptionFrame(), direction)
+        wasted = reply.compute_secs if reply else 0.0
+        logger.debug(f"{self}: preemptive reply dropped after {wasted:.2f}s of synthesis")
+        await self.push_frame(PreemptionWasteFrame(synthesis_secs=wasted))
+
+    async def _until_confirmed(self, reply: _Reply):
+        """A preemptive reply with its first audio made waits for its turn to be confirmed."""
+        if not self._is_speculative(reply):
+            return
+        while self._is_speculative(reply):
+            self._speculation_settled.clear()
+            self._keep_alive()
+            try:
+                await asyncio.wait_for(self._speculation_settled.wait(), timeout=_TEXT_STARVED_SECS)
+            except TimeoutError:
+                pass
+        if not self._current(reply):
+            raise _Dropped()
+        if reply.held and self._may_start(reply):
+            await self._release(reply)
 
     def _hold_playout(self, *, max_secs: float) -> None:
         """The output holds the audio (the user may be barging in): nothing runs dry meanwhile."""
@@ -292,6 +365,8 @@ class KokoroTTSService(TTSService):
             if reply is None:
                 continue  # interrupted
             try:
+                if reply.held:
+                    await self._until_confirmed(reply)
                 if isinstance(job, _ReplyEnd):
                     await self._end_reply(reply)
                 else:
@@ -313,7 +388,7 @@ class KokoroTTSService(TTSService):
             starved = time.monotonic() - idle_since >= _TEXT_STARVED_SECS
             self._keep_alive()
             for reply in list(self._replies.values()):
-                if reply.held and starved:
+                if reply.held and starved and not self._is_speculative(reply):
                     await self._release(reply)  # the text, not synthesis, is what is late
             try:
                 await asyncio.wait_for(self._jobs_changed.wait(), timeout=_TEXT_STARVED_SECS)
@@ -363,6 +438,8 @@ class KokoroTTSService(TTSService):
         decoding = reply.decoding = ChunkedDecoding(self._kokoro, utterance, min_chunk_frames=self._min_chunk_frames)
         first = True
         while not decoding.done:
+            if reply.held:
+                await self._until_confirmed(reply)
             frames = self._chunk_frames(decoding, reply)
             decoded = decoding.frames_decoded_for(frames)
             options = ort.RunOptions()
@@ -413,7 +490,9 @@ class KokoroTTSService(TTSService):
             _Dropped: The reply was interrupted meanwhile; ``abort`` stopped the call.
         """
         now = time.monotonic()
-        if reply.playing or reply.held:
+        if self._is_speculative(reply):
+            deadline, urgent = float("inf"), False  # nobody waits for it yet: after all other speech
+        elif reply.playing or reply.held:
             # Audio in hand: urgent only when it is about to run out (held audio is
             # buffering on purpose, and the rest of the reply's text may be needed).
             ahead = reply.ahead(now)
@@ -424,7 +503,11 @@ class KokoroTTSService(TTSService):
 
         def run() -> T:
             with self._budget.speech(deadline=deadline, urgent=urgent):
-                return fn()
+                start = time.perf_counter()
+                try:
+                    return fn()
+                finally:
+                    reply.compute_secs += time.perf_counter() - start
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
         try:
@@ -433,7 +516,7 @@ class KokoroTTSService(TTSService):
                 if not self._current(reply):
                     raise _Dropped()
                 self._keep_alive()
-                if reply.held and self._until_cap(reply) == 0.0:
+                if reply.held and self._until_cap(reply) == 0.0 and not self._is_speculative(reply):
                     await self._release(reply)  # buffered long enough: play, even if a gap may follow
             return task.result()
         finally:
@@ -605,6 +688,8 @@ class KokoroTTSService(TTSService):
 
     def _may_start(self, reply: _Reply) -> bool:
         """Whether the held audio covers what is still to be made, at this machine's speed."""
+        if self._is_speculative(reply):
+            return False  # its turn may not be over
         if self._until_cap(reply) == 0.0:
             return True
         decoding = reply.decoding

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
+from loguru import logger
+
 from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
     Frame,
+    InterruptionFrame,
     LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
+
+from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
 
 
 class LocalLLMService(LLMService):
@@ -22,6 +29,11 @@ class LocalLLMService(LLMService):
     Subclasses implement :meth:`_respond`, which pushes the reply's text; this
     class frames it with the response start/end frames and metrics, and turns a
     failure into an error frame so the session goes on.
+
+    A speculative response (a preemptive reply, on a turn not yet confirmed) is held
+    by pipecat's gate in this service, unless ``speculation_held_downstream``: then its
+    text streams on to a TTS that holds the audio instead, so the first audio can be
+    made before the turn is confirmed. Either way a withdrawn one stops at its next token.
     """
 
     engine_name = "local model"
@@ -33,6 +45,7 @@ class LocalLLMService(LLMService):
         system_prompt: str,
         max_tokens: int,
         temperature: float,
+        speculation_held_downstream: bool = False,
         **kwargs,
     ):
         super().__init__(
@@ -54,13 +67,31 @@ class LocalLLMService(LLMService):
         self._system_prompt = system_prompt
         self._max_tokens = max_tokens
         self._temperature = temperature
+        self._held_downstream = speculation_held_downstream
+        self._speculative = False  # the response in progress answers an unconfirmed turn
+        self._tokens = 0  # tokens of the response in progress
 
     def can_generate_metrics(self) -> bool:
         return True
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, EagerEndOfTurnCancelFrame) and self._speculative:
+            # Before the base class, whose gate no longer knows this reply is speculative.
+            self._speculative = False
+            logger.debug(f"{self}: preemptive reply cancelled after {self._tokens} tokens")
+            await self._start_interruption()
+            await self.stop_all_metrics()
+            await self.push_frame(PreemptionWasteFrame(tokens=self._tokens))
+        elif isinstance(frame, (UserStoppedSpeakingFrame, InterruptionFrame)):
+            self._speculative = False
         await super().process_frame(frame, direction)
         if isinstance(frame, LLMContextFrame):
+            # The gate knows whether the turn ended before this inference reached it.
+            if self._held_downstream and self._speculation_gate.is_speculating:
+                self._speculation_gate.begin_speculation(False)
+                self._speculative = True
+                await self.push_frame(SpeculativeReplyFrame())
+            self._tokens = 0
             await self.push_frame(LLMFullResponseStartFrame())
             await self.start_processing_metrics()
             try:
@@ -81,6 +112,10 @@ class LocalLLMService(LLMService):
             context, system_instruction=self._system_prompt, convert_developer_to_user=True
         )
         return list(params["messages"])
+
+    async def _push_llm_text(self, text: str):
+        self._tokens += 1
+        await super()._push_llm_text(text)
 
     async def _respond(self, context: LLMContext):
         raise NotImplementedError

@@ -25,6 +25,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import SegmentedSTTService
+from pipecat.turns.eager_end_of_turn_mixin import EagerEndOfTurnSTTServiceMixin
 from pipecat.utils.time import time_now_iso8601
 
 from processors.audio_level import pcm_peak
@@ -67,8 +68,13 @@ def pcm16_to_float(audio: bytes, *, sample_rate: int, target_rate: int) -> np.nd
     return samples
 
 
-class WhisperSTTService(SegmentedSTTService):
-    """Transcribes each VAD segment with a shared, already loaded faster-whisper model."""
+class WhisperSTTService(EagerEndOfTurnSTTServiceMixin, SegmentedSTTService):
+    """Transcribes each VAD segment with a shared, already loaded faster-whisper model.
+
+    Its speculative transcript, made after a short quiet while the VAD still confirms
+    the end of the turn, is also its prediction of that end (an eager end of turn,
+    with ``enable_eager_end_of_turn``): a preemptive reply can start on it.
+    """
 
     def __init__(
         self,
@@ -84,6 +90,7 @@ class WhisperSTTService(SegmentedSTTService):
         echo_gate: float = 0.5,
         speculate_after_secs: float | None = 0.12,
         budget: ComputeBudget | None = None,
+        preemptive_max_speech_secs: float = 10.0,
         **kwargs,
     ):
         """Initialize the service.
@@ -111,7 +118,10 @@ class WhisperSTTService(SegmentedSTTService):
                 for the VAD.
             budget: The process's compute order: speculative passes, which nobody
                 waits for yet, wait while a listener's speech is synthesized.
-            **kwargs: Passed to ``SegmentedSTTService``.
+            preemptive_max_speech_secs: No eager end of turn for a longer utterance:
+                a long one is likelier to go on, and its reply costs more to throw away.
+            **kwargs: Passed to ``SegmentedSTTService`` (``enable_eager_end_of_turn``
+                reports the speculative transcript as an eager end of turn).
         """
         super().__init__(settings=STTSettings(model=model_name, language=language), **kwargs)
         self._model = model
@@ -133,6 +143,7 @@ class WhisperSTTService(SegmentedSTTService):
         # One entry per segment handed to run_stt, in order: its speculation, if it stood.
         self._speculations: deque[asyncio.Task | None] = deque()
         self._budget = budget
+        self._preemptive_max_secs = preemptive_max_speech_secs
         self._tokenizer = Tokenizer(
             model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language or "en"
         )
@@ -188,6 +199,8 @@ class WhisperSTTService(SegmentedSTTService):
             # Before the base class queues the segment: run_stt takes these in the same order.
             self._speculations.append(self._speculation)
             self._speculation = None
+            # The segment is committed: its transcript, early or not, settles the prediction.
+            self._clear_eager_end_of_turn()
         await super().process_frame(frame, direction)
         self._floor.update(frame)
         if isinstance(frame, VADUserStartedSpeakingFrame):
@@ -195,14 +208,15 @@ class WhisperSTTService(SegmentedSTTService):
             self._speech_peak = 0.0
             self._quiet_bytes = 0
             self._speculation = None
+            await self._cancel_eager_end_of_turn()
             self._maybe_interim()
 
     async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
         await super().process_audio_frame(frame, direction)
         self._maybe_interim()
-        self._maybe_speculate(frame.audio)
+        await self._maybe_speculate(frame.audio)
 
-    def _maybe_speculate(self, audio: bytes):
+    async def _maybe_speculate(self, audio: bytes):
         """Transcribe the turn so far once the user falls quiet, before the VAD confirms it."""
         if not (self._speculate_bytes and self._user_speaking):
             return
@@ -211,13 +225,23 @@ class WhisperSTTService(SegmentedSTTService):
             self._speech_peak = max(self._speech_peak, peak)
             self._quiet_bytes = 0
             self._speculation = None  # the user went on: that transcript is short of words
+            await self._cancel_eager_end_of_turn()
             return
         self._quiet_bytes += len(audio) * WHISPER_SAMPLE_RATE // self.sample_rate
         busy = self._speculation is not None or (self._guess and not self._guess.done())
         if not busy and self._speech_peak and self._quiet_bytes >= self._speculate_bytes:
             audio = bytes(self._audio_buffer) + self._trailing_silence()
             # One pass at a time: a pause between words costs at most one wasted pass.
-            self._speculation = self._guess = self.create_task(self._transcribe_pcm(audio, background=True))
+            self._speculation = self._guess = self.create_task(self._guess_turn(audio))
+
+    async def _guess_turn(self, audio: bytes) -> tuple[str, str | None]:
+        """A speculative pass; while the user stays quiet, its words predict the end of the turn."""
+        text, language = await self._transcribe_pcm(audio, background=True)
+        stands = self._speculation is asyncio.current_task() and self._user_speaking
+        # While the bot holds the floor, speech is a barge-in or a backchannel, not a turn to answer early.
+        if text and stands and not self._floor.bot_has_it and len(audio) / 2 / self.sample_rate <= self._preemptive_max_secs:
+            await self._push_eager_end_of_turn(text, user_id=self._user_id, language=language)
+        return text, language
 
     def _maybe_interim(self):
         """Transcribe the speech so far while the bot has the floor: the words decide a barge-in."""

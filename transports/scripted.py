@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,8 @@ SILENCE_LEVEL = 100
 class Cue:
     """A piece of the user's audio and when to play it.
 
-    Exactly one trigger applies: ``at`` (seconds from the start), else
+    Exactly one trigger applies: ``at`` (seconds from the start), else ``when``
+    (as soon as it returns True: an event a test waits for), else
     ``after_bot_starts`` (seconds after the bot's next reply becomes audible),
     else ``after_bot_done`` (seconds of bot silence after that reply), else
     ``after_previous`` (seconds after the previous cue ends; default 0).
@@ -52,6 +54,7 @@ class Cue:
     audio: np.ndarray
     text: str = ""
     at: float | None = None
+    when: Callable[[], bool] | None = None
     after_bot_starts: float | None = None
     after_bot_done: float | None = None
     after_previous: float = 0.0
@@ -191,6 +194,8 @@ class ScriptedInputTransport(BaseInputTransport):
     def _due(self, cue: Cue, t: float, previous_end: float) -> bool:
         if cue.at is not None:
             return t >= cue.at
+        if cue.when is not None:
+            return cue.when()
         if cue.after_bot_starts is not None or cue.after_bot_done is not None:
             onset = self._recording.first_sound_after(previous_end)
             if onset is None:
