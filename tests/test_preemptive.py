@@ -9,11 +9,14 @@ not depend on this CPU's speed.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
     EagerEndOfTurnCancelFrame,
     Frame,
     LLMFullResponseEndFrame,
@@ -189,3 +192,56 @@ async def test_the_tts_makes_a_preemptive_replys_first_audio_and_holds_it(models
             await _until(lambda: any(isinstance(f, TTSStoppedFrame) for f in sink.frames))
             audio = b"".join(f.audio for f in sink.frames if isinstance(f, TTSAudioRawFrame))
             assert 0 < len(audio) / 2 / 24000 < 1.5, "only the short reply is heard"
+
+
+# --- two sessions: one speaks, the other's turn ends with a preemptive reply ----------------------
+
+
+class Moments(BaseObserver):
+    """When (time.monotonic()) a session's bot first spoke and last stopped, and its first preemptive reply began."""
+
+    def __init__(self):
+        super().__init__()
+        self.bot_started: float | None = None
+        self.bot_stopped: float | None = None
+        self.preemptive: float | None = None
+
+    async def on_push_frame(self, data: FramePushed):
+        now = time.monotonic()
+        if isinstance(data.frame, BotStartedSpeakingFrame):
+            self.bot_started = self.bot_started or now
+        elif isinstance(data.frame, BotStoppedSpeakingFrame):
+            self.bot_stopped = now
+        elif isinstance(data.frame, SpeculativeReplyFrame):
+            self.preemptive = self.preemptive or now
+
+
+async def test_a_preemptive_reply_makes_no_hole_in_another_sessions_reply(base_config, slow_models, speaker):
+    """On a CPU synthesizing SLOW_FACTOR times slower: B asks while A's long story plays."""
+    story, question = "Tell me a long story about a brave little dragon.", "What is the capital of France?"
+    a_moments, b_moments = Moments(), Moments()
+    config = _config(base_config, preemptive=True, vad_stop_secs=0.8)
+    a = run_conversation(
+        config=config,
+        models=slow_models,
+        cues=[Cue(audio=np.concatenate([silence(0.5), speaker(story), silence(0.3)]), text=story, at=0.0)],
+        observers=[a_moments],
+        session_id="speaking",
+    )
+    b = run_conversation(
+        config=config,
+        models=slow_models,
+        cues=[
+            Cue(audio=np.concatenate([speaker(question), silence(0.3)]), text=question, when=lambda: a_moments.bot_started is not None)
+        ],
+        observers=[b_moments],
+        session_id="asking",
+    )
+    a_result, b_result = await asyncio.gather(a, b)
+    [a_turn] = [t for t in a_result.turns if t.voice_to_voice_ms is not None]
+    [b_turn] = b_result.turns
+    report = {"speaking": a_result.summary()["turns"], "asking": b_result.summary()["turns"]}
+    assert b_turn.trace.preemptive_attempts >= 1 and b_turn.bot_text, report
+    # B's preemptive reply was made while A's story was playing.
+    assert a_moments.bot_started < b_moments.preemptive < a_moments.bot_stopped, report
+    assert all(hole <= 150 for hole in a_turn.holes_ms), report

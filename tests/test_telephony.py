@@ -515,6 +515,10 @@ async def _twilio_call(host: str, call_sid: str) -> PhoneCaller:
 
 @pytest.fixture(scope="module")
 def phone_speech(speaker):
+    """The callers' lines, made before any call: synthesis on the test's loop would stall the
+    carrier's 20 ms line, which then catches up in a burst."""
+    for text in (QUESTION, STORY, OVER_THE_BOT):
+        speaker(text, sample_rate=8000)
     return lambda text: speaker(text, sample_rate=8000)
 
 
