@@ -191,6 +191,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._echo_gate = echo_gate
         self._paused = False
         self._loud = False  # the speech is louder than the bot's echo could be
+        self._echo_level = False  # the speech began over the bot's voice no louder than its echo
         self._mic_peaks: deque[tuple[float, float]] = deque(maxlen=50)
         self._previous_interim: set[str] = set()
 
@@ -217,6 +218,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_onset = time.monotonic() - self._vad_start_secs
             self._previous_interim = set()
+            self._echo_level = False
             if not self._floor.bot_has_it:
                 await self.trigger_user_turn_started()
                 return ProcessFrameResult.STOP
@@ -237,6 +239,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         mic_peak = max((p for t, p in self._mic_peaks if t >= horizon), default=0.0)
         maybe_echo = self._bot_voice.could_be_echo(mic_peak, gate=self._echo_gate)
         self._loud = self._echo_gate > 0 and not maybe_echo
+        self._echo_level = self._echo_gate > 0 and maybe_echo
         if not (self._pause_playback and self._enable_interruptions):
             return
         if maybe_echo:
@@ -265,7 +268,9 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             heard = words_of(text)
             text = " ".join(w for w in heard if w in self._previous_interim)
             self._previous_interim = set(heard)
-        claimed = floor_words(
+        # Speech that began over the bot no louder than its echo is the echo, however Whisper
+        # garbles it, also when its transcript comes after the reply has ended.
+        claimed = [] if self._echo_level else floor_words(
             text, bot_words=self._bot_voice.words(), backchannels=self._backchannels, loud=self._loud
         )
         speech_secs = self._speech_secs()

@@ -90,6 +90,19 @@ async def test_speech_no_louder_than_the_echo_does_not_pause():
     assert s.pushed == []
 
 
+async def test_speech_begun_at_echo_level_is_no_turn_even_once_the_bot_has_stopped():
+    """The tail of the bot's echo, transcribed after its reply ended, garbled past recognition."""
+    s = Strategy(bot_peak=0.9)
+    await s.user_speaks_over_the_bot(level=0.2)
+    await s.feed(BotStoppedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await s.feed(TranscriptionFrame("Father Shulie, father.", "user", "now"))
+    assert s.started == 0
+    # The same words spoken up, over the bot, take the floor.
+    await s.user_speaks_over_the_bot(level=0.8)
+    await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2), TranscriptionFrame("Father Shulie, father.", "user", "now"))
+    assert s.started == 1
+
+
 async def test_an_interim_word_counts_once_two_passes_agree_on_it():
     s = Strategy()
     await s.user_speaks_over_the_bot(level=0.5)

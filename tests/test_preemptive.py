@@ -19,6 +19,7 @@ from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     EagerEndOfTurnCancelFrame,
     Frame,
+    InputAudioRawFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
@@ -198,26 +199,38 @@ async def test_the_tts_makes_a_preemptive_replys_first_audio_and_holds_it(models
 
 
 class Moments(BaseObserver):
-    """When (time.monotonic()) a session's bot first spoke and last stopped, and its first preemptive reply began."""
+    """When (time.monotonic()) a session's audio began, its bot first spoke and last stopped,
+    and its first preemptive reply began and was settled (adopted or cancelled)."""
 
     def __init__(self):
         super().__init__()
+        self.first_input: float | None = None  # the scripted transport's time zero, within a frame
         self.bot_started: float | None = None
         self.bot_stopped: float | None = None
         self.preemptive: float | None = None
+        self.settled: float | None = None
 
     async def on_push_frame(self, data: FramePushed):
-        now = time.monotonic()
-        if isinstance(data.frame, BotStartedSpeakingFrame):
+        now, frame = time.monotonic(), data.frame
+        if isinstance(frame, InputAudioRawFrame):
+            self.first_input = self.first_input or now
+        elif isinstance(frame, BotStartedSpeakingFrame):
             self.bot_started = self.bot_started or now
-        elif isinstance(data.frame, BotStoppedSpeakingFrame):
+        elif isinstance(frame, BotStoppedSpeakingFrame):
             self.bot_stopped = now
-        elif isinstance(data.frame, SpeculativeReplyFrame):
+        elif isinstance(frame, SpeculativeReplyFrame):
             self.preemptive = self.preemptive or now
+        elif isinstance(frame, (UserStoppedSpeakingFrame, EagerEndOfTurnCancelFrame)) and self.preemptive:
+            self.settled = self.settled or now
 
 
 async def test_a_preemptive_reply_makes_no_hole_in_another_sessions_reply(base_config, slow_models, speaker):
-    """On a CPU synthesizing SLOW_FACTOR times slower: B asks while A's long story plays."""
+    """On a CPU synthesizing SLOW_FACTOR times slower: B asks while A's long story plays.
+
+    While B's preemptive reply is in flight, A's story plays on without a hole. (B's reply
+    proper, once its turn is confirmed, goes before A's buffered audio: a listener waiting
+    for the first sound comes first, and that may cost A a gap on a CPU this slow.)
+    """
     story, question = "Tell me a long story about a brave little dragon.", "What is the capital of France?"
     a_moments, b_moments = Moments(), Moments()
     config = _config(base_config, preemptive=True, vad_stop_secs=0.8)
@@ -242,6 +255,9 @@ async def test_a_preemptive_reply_makes_no_hole_in_another_sessions_reply(base_c
     [b_turn] = b_result.turns
     report = {"speaking": a_result.summary()["turns"], "asking": b_result.summary()["turns"]}
     assert b_turn.trace.preemptive_attempts >= 1 and b_turn.bot_text, report
-    # B's preemptive reply was made while A's story was playing.
-    assert a_moments.bot_started < b_moments.preemptive < a_moments.bot_stopped, report
-    assert all(hole <= 150 for hole in a_turn.holes_ms), report
+    # B's preemptive reply was made while A's story was playing...
+    assert a_moments.bot_started < b_moments.preemptive < b_moments.settled < a_moments.bot_stopped, report
+    # ...and meanwhile A's voice never ran dry. (A's holes: when its audio resumed, on its own clock.)
+    holes = [(a_moments.first_input + resumed - gap, a_moments.first_input + resumed) for resumed, gap in a_result.recording.holes]
+    during = [(start, end) for start, end in holes if end - start > 0.15 and start < b_moments.settled and end > b_moments.preemptive]
+    assert during == [], (during, b_moments.preemptive, b_moments.settled, report)
