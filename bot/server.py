@@ -22,7 +22,7 @@ from bot.models import Models, load_models
 from bot.pipeline import build_pipeline
 from bot.tracing import LatencyTracer, TurnTrace, percentile
 from transports.telephony import CARRIERS, mount_carriers
-from transports.websocket import ClientEventsObserver, create_websocket_transport
+from transports.websocket import ClientEventsObserver, create_websocket_transport, end_with_the_socket
 
 STATIC = Path(__file__).parent / "static"
 
@@ -229,13 +229,7 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
             }
         )
 
-    @transport.event_handler("on_client_disconnected")
-    async def on_disconnected(transport, client):
-        await session.worker.cancel(reason="client disconnected")
-
-    @transport.event_handler("on_session_timeout")
-    async def on_timeout(transport, client):
-        await session.worker.cancel(reason="session timeout")
+    end_with_the_socket(transport, session.worker, closed="client disconnected", timed_out="session timeout")
 
     state.active_sessions += 1
     state.metrics.sessions.inc()

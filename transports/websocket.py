@@ -20,6 +20,7 @@ Bad input gets an error message; it never ends the session.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soxr
@@ -47,6 +48,9 @@ from pipecat.transports.websocket.fastapi import (
 )
 
 from transports.playback_gate import PausableOutputMixin
+
+if TYPE_CHECKING:
+    from pipecat.pipeline.worker import PipelineWorker
 
 # A browser sends at its AudioContext rate: the output device's rate unless told otherwise.
 SUPPORTED_INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
@@ -202,3 +206,15 @@ def create_websocket_transport(
             allowed_origins=allowed_origins,
         ),
     )
+
+
+def end_with_the_socket(transport: FastAPIWebsocketTransport, worker: PipelineWorker, *, closed: str, timed_out: str) -> None:
+    """Cancel the session's pipeline when its socket closes or its time is up (browser or phone)."""
+
+    @transport.event_handler("on_client_disconnected")
+    async def on_disconnected(transport, client):
+        await worker.cancel(reason=closed)
+
+    @transport.event_handler("on_session_timeout")
+    async def on_timeout(transport, client):
+        await worker.cancel(reason=timed_out)

@@ -55,6 +55,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from processors.barge_in import words_of
 from transports.playback_gate import PausableOutputMixin
+from transports.websocket import end_with_the_socket
 
 if TYPE_CHECKING:
     from bot.server import BotState
@@ -541,13 +542,7 @@ async def run_call(
         config=config, transport=transport, models=state.models, observers=[tracer, controller]
     )
 
-    @transport.event_handler("on_client_disconnected")
-    async def on_disconnected(transport, client):
-        await session.worker.cancel(reason="carrier closed the media stream")
-
-    @transport.event_handler("on_session_timeout")
-    async def on_timeout(transport, client):
-        await session.worker.cancel(reason="call timeout")
+    end_with_the_socket(transport, session.worker, closed="carrier closed the media stream", timed_out="call timeout")
 
     async def on_stop():
         await serializer.stopped.wait()
