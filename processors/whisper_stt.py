@@ -208,7 +208,6 @@ class WhisperSTTService(EagerEndOfTurnSTTServiceMixin, SegmentedSTTService):
             self._speech_peak = 0.0
             self._quiet_bytes = 0
             self._speculation = None
-            await self._cancel_eager_end_of_turn()
             self._maybe_interim()
 
     async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
