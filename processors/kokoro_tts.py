@@ -11,9 +11,10 @@ slower than real time. Every decoder call goes through the process's
 :class:`ComputeBudget`, so the speech a listener waits for is made first.
 
 A preemptive reply (processors/preemptive.py) is held here, by pipecat's
-:class:`SpeculationGate` on everything this service sends: its first chunk is made
-at the lowest priority, then it waits. Once the turn is confirmed it plays at
-once; once withdrawn it is dropped, and nothing of it went downstream.
+:class:`SpeculationGate` on everything this service sends: it is made after all
+other speech until what it holds could start playing, then it waits. Once the turn
+is confirmed it plays at once; once withdrawn it is dropped, and nothing of it went
+downstream.
 """
 
 from __future__ import annotations
@@ -312,8 +313,13 @@ class KokoroTTSService(TTSService):
         await self.push_frame(PreemptionWasteFrame(synthesis_secs=wasted))
 
     async def _until_confirmed(self, reply: _Reply):
-        """A preemptive reply with its first audio made waits for its turn to be confirmed."""
-        if not self._is_speculative(reply):
+        """A preemptive reply waits for its turn once it holds enough to start at once then.
+
+        Until then it is made on (after all other speech), as far as a confirmed reply
+        is held before it starts: its confirmation then costs no synthesis. Stopping at
+        the first chunk made a preemptive reply start later than a plain one.
+        """
+        if not self._is_speculative(reply) or not self._could_start(reply):
             return
         while self._is_speculative(reply):
             self._speculation_settled.clear()
@@ -687,9 +693,11 @@ class KokoroTTSService(TTSService):
         return audio * gain if gain != 1.0 else audio
 
     def _may_start(self, reply: _Reply) -> bool:
+        """Whether the held audio may play: its turn is over, and it could start."""
+        return not self._is_speculative(reply) and self._could_start(reply)
+
+    def _could_start(self, reply: _Reply) -> bool:
         """Whether the held audio covers what is still to be made, at this machine's speed."""
-        if self._is_speculative(reply):
-            return False  # its turn may not be over
         if self._until_cap(reply) == 0.0:
             return True
         decoding = reply.decoding

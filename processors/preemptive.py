@@ -33,6 +33,16 @@ from pipecat.turns.user_stop import NormalizedMatch, SpeechTimeoutUserTurnStopSt
 _MATCH = NormalizedMatch()
 
 
+# Whisper ends a sentence it heard finished with one of these; a fragment ("What is the capital of") it leaves open.
+_SENTENCE_ENDS = (".", "?", "!", "。", "？", "！")
+
+
+def _ends_a_sentence(text: str) -> bool:
+    """Whether a transcript sounds finished: a pause inside a sentence is no end of turn to answer."""
+    text = text.rstrip()
+    return text.endswith(_SENTENCE_ENDS) and not text.endswith("...")
+
+
 def _same_words(early: str, final: str) -> bool:
     """Whether two transcripts say the same, case, punctuation and spacing aside.
 
@@ -66,7 +76,8 @@ class PreemptiveUserTurnStopStrategy(SpeechTimeoutUserTurnStopStrategy):
     the VAD and the speech timeout (Whisper has no end-of-turn model of its own). A
     speculation is withdrawn when the user speaks again, when the committed words
     differ (normalized: case and punctuation aside), and when the turn ends some other
-    way; at most ``max_attempts`` are made per user turn.
+    way; at most ``max_attempts`` are made per user turn, each on words that end a
+    sentence (a pause before the next word of a fragment is no end of turn).
     """
 
     def __init__(self, *, max_attempts: int = 2, speculation_timeout: float = 5.0, **kwargs):
@@ -130,7 +141,7 @@ class PreemptiveUserTurnStopStrategy(SpeechTimeoutUserTurnStopStrategy):
         await super().cleanup()
 
     async def _speculate(self, frame: EagerTranscriptionFrame):
-        if self._speculation or self._attempts >= self._max_attempts:
+        if self._speculation or self._attempts >= self._max_attempts or not _ends_a_sentence(frame.text):
             return
         self._attempts += 1
         # Segments committed earlier in this turn are part of what the model will see.

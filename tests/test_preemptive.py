@@ -118,8 +118,9 @@ async def test_a_plain_question_is_answered_by_the_preemptive_reply_and_sooner(b
     early, plain = runs[True].trace, runs[False].trace
     report = {"preemptive": early, "plain": plain}
 
-    assert early.preemptive_adopted and early.preemptive_attempts == 1, report
-    assert early.preemptive_wasted_tokens == 0, report
+    # Adopted; an attempt made in the pause before "France" (on a CPU whose Whisper is done
+    # within it) was withdrawn at the next loud frame.
+    assert early.preemptive_adopted and 1 <= early.preemptive_attempts <= config.turns.preemptive_max_attempts, report
     # It began while the VAD was still confirming the end of speech; the plain one after the transcript.
     assert early.generation_start_ms < early.vad_stop_ms, report
     assert plain.generation_start_ms > plain.transcript_ms and not plain.preemptive_attempts, report
@@ -169,11 +170,11 @@ async def test_the_tts_makes_a_preemptive_replys_first_audio_and_holds_it(models
         )
         await _until(lambda: any(reply.held for reply in tts._replies.values()))
         [reply] = [reply for reply in tts._replies.values() if reply.held]
-        # Its first audio is made and held; then it waits: the rest is not made before the verdict.
+        # It is made until what it holds could start at once, at this CPU's measured speed; then it waits.
+        await _until(lambda: tts._could_start(reply))
         made = (reply.held_secs, reply.spoken_secs)
         await asyncio.sleep(1.0)
-        assert (reply.held_secs, reply.spoken_secs) == made
-        assert (reply.decoding is not None and not reply.decoding.done) or tts._jobs, "the rest is still to make"
+        assert (reply.held_secs, reply.spoken_secs) == made and tts._could_start(reply)
         assert _of_the_reply(sink.frames) == [], sink.frames
         seen = len(sink.frames)
         if outcome == "confirmed":
