@@ -161,13 +161,16 @@ async def run_conversation(
     offset_ms = transport.input().pipeline_offset_ms
     turns = []
     ends = [c.speech_end for c in cues if c.speech_end is not None]
-    for trace in tracer.turns:
+    for i, trace in enumerate(tracer.turns):
         measured, holes = None, []
+        # A turn the user went on from before the bot spoke (a pause mid-sentence, a second
+        # question) has no reply of its own: the next turn's reply is measured from its own end.
+        follow = tracer.turns[i + 1].user_speech_start_ms if i + 1 < len(tracer.turns) else None
         if trace.user_speech_end_ms is not None and trace.first_audio_out_ms is not None and ends:
             estimate = (trace.user_speech_end_ms - offset_ms) / 1000
             end = min(ends, key=lambda e: abs(e - estimate))
             sound = rec.first_sound_after(end)
-            if sound is not None:
+            if sound is not None and (follow is None or sound < (follow - offset_ms) / 1000):
                 measured = round((sound - end) * 1000, 1)
                 bot_end = (trace.bot_end_ms - offset_ms) / 1000 if trace.bot_end_ms else float("inf")
                 holes = [round(g * 1000, 1) for g in rec.holes_between(sound, bot_end + 0.1)]

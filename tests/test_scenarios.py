@@ -50,8 +50,9 @@ def check_scenario(scenario, result, *, sample_rate: int, same_words=operator.eq
     assert all(c.started is not None for c in result.cues), "every cue was played"
 
     if "answered_turns" in expect:
-        answered = [t for t in result.turns if t.bot_text and t.voice_to_voice_ms is not None]
-        assert len(answered) == expect["answered_turns"], report
+        # Each reply is measured once, from the end of the words it answers.
+        answered = [t for t in result.turns if t.voice_to_voice_ms is not None]
+        assert len(answered) == expect["answered_turns"] and all(t.bot_text for t in answered), report
 
     if "barge_in" in expect:
         index = expect["barge_in"]
