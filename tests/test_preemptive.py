@@ -120,7 +120,7 @@ async def test_a_plain_question_is_answered_by_the_preemptive_reply_and_sooner(b
 
     # Adopted; an attempt made in the pause before "France" (on a CPU whose Whisper is done
     # within it) was withdrawn at the next loud frame.
-    assert early.preemptive_adopted and 1 <= early.preemptive_attempts <= config.turns.preemptive_max_attempts, report
+    assert early.preemptive_adopted and 1 <= early.preemptive_attempts <= base_config.turns.preemptive_max_attempts, report
     # It began while the VAD was still confirming the end of speech; the plain one after the transcript.
     assert early.generation_start_ms < early.vad_stop_ms, report
     assert plain.generation_start_ms > plain.transcript_ms and not plain.preemptive_attempts, report
@@ -129,7 +129,7 @@ async def test_a_plain_question_is_answered_by_the_preemptive_reply_and_sooner(b
     assert early.voice_to_voice_ms < plain.voice_to_voice_ms, report
 
 
-# --- the TTS holds a preemptive reply: its first audio is made, then it waits ----------------------
+# --- the TTS holds a preemptive reply: made until it could start, then it waits ----------------------
 
 REPLY = "The capital of France is Paris. It is a lovely city on the Seine."
 
@@ -159,7 +159,7 @@ def _of_the_reply(frames: list[Frame]) -> list[Frame]:
 
 
 @pytest.mark.parametrize("outcome", ["confirmed", "cancelled"])
-async def test_the_tts_makes_a_preemptive_replys_first_audio_and_holds_it(models, outcome):
+async def test_the_tts_makes_a_preemptive_reply_ready_to_start_and_holds_it(models, outcome):
     tts = KokoroTTSService(
         kokoro=models.kokoro_stream, budget=models.budget, speed_model=models.synthesis_speed, voice="jf_alpha"
     )

@@ -408,11 +408,13 @@ class CallController(BaseObserver):
         elif isinstance(frame, (UserStoppedSpeakingFrame, VADUserStoppedSpeakingFrame)):
             self._user_speaking = False
             self._last_activity = time.monotonic()
-        elif isinstance(frame, (LLMFullResponseStartFrame, LLMTextFrame, TTSAudioRawFrame)):
+        elif isinstance(frame, (LLMFullResponseStartFrame, LLMTextFrame, TTSAudioRawFrame)) and data.source is not self._output:
             # A reply on its way (generated, or synthesized and held until it can play without
-            # a hole) is no silence on the line.
+            # a hole) is no silence on the line. Only its start marks it pending: the output
+            # passes its last audio on after it reported the bot stopped, and that must not
+            # hold the line for another minute.
             self._last_activity = time.monotonic()
-            self._reply_pending = True
+            self._reply_pending |= isinstance(frame, LLMFullResponseStartFrame)
         elif isinstance(frame, InterruptionFrame):
             self._reply_pending = False
         elif (
