@@ -410,9 +410,8 @@ class CallController(BaseObserver):
             self._last_activity = time.monotonic()
         elif isinstance(frame, (LLMFullResponseStartFrame, LLMTextFrame, TTSAudioRawFrame)) and data.source is not self._output:
             # A reply on its way (generated, or synthesized and held until it can play without
-            # a hole) is no silence on the line. Only its start marks it pending: the output
-            # passes its last audio on after it reported the bot stopped, and that must not
-            # hold the line for another minute.
+            # a hole) is no silence on the line. Only its start marks it pending: a late text or
+            # audio frame seen after the bot stopped once held a call for another minute.
             self._last_activity = time.monotonic()
             self._reply_pending |= isinstance(frame, LLMFullResponseStartFrame)
         elif isinstance(frame, InterruptionFrame):
