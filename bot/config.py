@@ -53,6 +53,7 @@ class VADConfig(_Section):
 class TurnsConfig(_Section):
     stop_strategy: Literal["speech_timeout", "smart_turn"] = "speech_timeout"
     user_speech_timeout: float = Field(0.05, ge=0)
+    statement_wait_secs: float = Field(0.8, ge=0)
     interruptions: bool = True
     barge_in: Literal["words", "vad"] = "words"
     barge_in_min_words: int = Field(1, ge=1)

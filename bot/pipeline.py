@@ -1,7 +1,7 @@
 """The whole bot in one place: the data path from the user's audio to the bot's voice.
 
     transport.input() -> stt -> user aggregator (VAD, turns, barge-in)
-      -> responder -> tts -> transport.output() -> assistant aggregator
+      -> reply floor -> responder -> tts -> transport.output() -> assistant aggregator
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from processors.barge_in import BargeInUserTurnStartStrategy
 from processors.bot_voice import BotVoice, PlaybackMonitor
 from processors.kokoro_tts import KokoroTTSService
 from processors.preemptive import PreemptiveUserTurnStopStrategy
+from processors.reply_floor import ReplyFloor
 from processors.responder import LlamaCppLLMService
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
 from processors.whisper_stt import WhisperSTTService
@@ -205,6 +206,7 @@ def build_pipeline(
             transport.input(),
             build_stt(config, models, bot_voice=bot_voice),
             user,
+            ReplyFloor(statement_wait_secs=config.turns.statement_wait_secs),
             build_responder(config, models),
             tts,
             transport.output(),

@@ -16,7 +16,6 @@ from loguru import logger
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
-    BotStoppedSpeakingFrame,
     CancelFrame,
     EagerEndOfTurnCancelFrame,
     EndFrame,
@@ -162,7 +161,6 @@ class LatencyTracer(BaseObserver):
         self._on_turn = on_turn
         self._current: TurnTrace | None = None
         self._speech_start_ms: float | None = None
-        self._bot_speaking = False
         # When the last audible bot audio frame left the output transport.
         self._last_audio_out_ms: float | None = None
         # (push time in ms, peak level) of recent input audio frames.
@@ -211,9 +209,10 @@ class LatencyTracer(BaseObserver):
             self._speech_start_ms = t
         elif isinstance(frame, UserStartedSpeakingFrame):
             await self._open_turn(t)
-        elif isinstance(frame, (BotStartedSpeakingFrame, BotStoppedSpeakingFrame)):
-            self._bot_speaking = isinstance(frame, BotStartedSpeakingFrame)
         elif isinstance(frame, (InterruptionFrame, CancelFrame, EndFrame)):
+            if self._current and not self._sounded(self._current):
+                # Held at the output (the user went on in a pause): no sound, no reply heard.
+                self._current.first_audio_out_ms = None
             if self._current and self._current.first_audio_out_ms is not None:
                 # The session ending under the bot is no interruption by the user.
                 if isinstance(frame, InterruptionFrame):
@@ -311,8 +310,10 @@ class LatencyTracer(BaseObserver):
         if self._current is not None:
             # A reply that sounded and has not ended is cut, even paused or in a gap (a
             # paused reply soon reads as "bot stopped speaking" to pipecat).
-            sounded = self._current.first_audio_out_ms is not None and self._current.bot_end_ms is None
-            if self._bot_speaking or sounded:
+            heard = self._sounded(self._current)
+            if not heard:
+                self._current.first_audio_out_ms = None
+            elif self._current.bot_end_ms is None:
                 self._cut(self._current, t)
             self._current.bot_end_ms = self._current.bot_end_ms or t
             self._close_turn()
@@ -325,6 +326,18 @@ class LatencyTracer(BaseObserver):
         if self._unclaimed is not None and t - self._unclaimed[0] <= _BARGE_IN_WORDS_MS:
             self._current.transcript_ms, self._current.user_text = self._unclaimed
         self._unclaimed = None
+
+    def _sounded(self, turn: TurnTrace) -> bool:
+        """Whether the turn's reply was heard: the output wrote some of its audio.
+
+        pipecat reports the bot started speaking as the output takes the first audio,
+        even when it then holds it (the user spoke first) and none is played.
+        """
+        return (
+            turn.first_audio_out_ms is not None
+            and self._last_audio_out_ms is not None
+            and self._last_audio_out_ms >= turn.first_audio_out_ms
+        )
 
     def _cut(self, turn: TurnTrace, t: float) -> None:
         """The user barged in: the bot's speech ended with the last audio it sent."""

@@ -53,6 +53,7 @@ from processors.compute_budget import ComputeBudget
 from processors.first_clause_aggregator import FirstClauseAggregator
 from processors.kokoro_stream import ChunkedDecoding, KokoroStream, Utterance
 from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
+from processors.reply_floor import ReplyNotBeforeFrame
 from processors.synthesis_speed import FRAME_SECS, SynthesisSpeed
 from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
@@ -145,6 +146,7 @@ class _Reply:
     compute_secs: float = 0.0  # model time spent on it: wasted if it is a preemptive reply cancelled
     decoding: ChunkedDecoding | None = None
     resampler: soxr.ResampleStream | None = None
+    release_timer: asyncio.Task | None = None  # plays what is held once the user's pause is over
 
     def ahead(self, now: float) -> float:
         """Seconds of audio the listener has before running dry."""
@@ -240,6 +242,7 @@ class KokoroTTSService(TTSService):
         self._speculation = SpeculationGate(name=f"{self}::SpeculationGate")
         self._speculative_context: str | None = None  # the preemptive reply's audio context
         self._speculation_settled = asyncio.Event()
+        self._not_before = 0.0  # the next reply's first audio waits for this (ReplyNotBeforeFrame)
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -282,6 +285,9 @@ class KokoroTTSService(TTSService):
             await self._drop_speculation(direction)
         elif isinstance(frame, UserStoppedSpeakingFrame) and speculative is not None:
             speculative.waiting_since = time.monotonic()  # the listener waits from now
+        elif isinstance(frame, ReplyNotBeforeFrame):
+            self._not_before = frame.at
+            return
         await super().process_frame(frame, direction)
         if isinstance(frame, LLMFullResponseStartFrame) and self._speculation.is_speculating:
             self._speculative_context = self._turn_context_id
@@ -331,7 +337,7 @@ class KokoroTTSService(TTSService):
         if not self._current(reply):
             raise _Dropped()
         if reply.held and self._may_start(reply):
-            await self._release(reply)
+            await self._release_when_due(reply)
 
     def _hold_playout(self, *, max_secs: float) -> None:
         """The output holds the audio (the user may be barging in): nothing runs dry meanwhile."""
@@ -395,7 +401,7 @@ class KokoroTTSService(TTSService):
             self._keep_alive()
             for reply in list(self._replies.values()):
                 if reply.held and starved and not self._is_speculative(reply):
-                    await self._release(reply)  # the text, not synthesis, is what is late
+                    await self._release_when_due(reply)  # the text, not synthesis, is what is late
             try:
                 await asyncio.wait_for(self._jobs_changed.wait(), timeout=_TEXT_STARVED_SECS)
             except TimeoutError:
@@ -675,7 +681,7 @@ class KokoroTTSService(TTSService):
         reply.held += frames
         reply.held_secs += secs
         if self._may_start(reply):
-            await self._release(reply)
+            await self._release_when_due(reply)
 
     def _limit(self, audio: np.ndarray, reply: _Reply) -> np.ndarray:
         """Scale the reply down once a peak would pass the limit; the gain only ever falls."""
@@ -704,6 +710,20 @@ class KokoroTTSService(TTSService):
         current = decoding.remaining if decoding is not None else 0
         return self._plays_through(reply.held_secs, self._pending_frames(reply), current=current)
 
+    async def _release_when_due(self, reply: _Reply):
+        """Start playing what was held now, or once the user's pause is long enough."""
+        wait = self._not_before - time.monotonic()
+        if wait <= 0:
+            await self._release(reply)
+        elif reply.release_timer is None:
+            reply.release_timer = self.create_task(self._release_after(reply, wait))
+
+    async def _release_after(self, reply: _Reply, wait: float):
+        await asyncio.sleep(wait)
+        reply.release_timer = None
+        if self._current(reply) and reply.held and not reply.playing:
+            await self._release(reply)
+
     async def _release(self, reply: _Reply):
         """Start playing what was held."""
         held, secs = reply.held, reply.held_secs
@@ -727,7 +747,11 @@ class KokoroTTSService(TTSService):
 
     async def _end_reply(self, reply: _Reply):
         if reply.held:
-            await self._release(reply)
+            await self._release_when_due(reply)
+            if reply.release_timer is not None:
+                await reply.release_timer  # the rest (the resampler's tail) follows what was held
+            if not self._current(reply):
+                return
         if reply.resampler is not None:
             tail = reply.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
             if tail.size:

@@ -115,8 +115,11 @@ class Session:
         await self.user_starts(at=start)
         await self.user_stops(vad_stop=vad_stop, text=text)
 
-    async def bot_reply(self, *, start: float, speak_ms: float | None = 1700.0):
-        """The answer: LLM tokens, TTS, then the output transport plays it for ``speak_ms``."""
+    async def bot_reply(self, *, start: float, speak_ms: float | None = 1700.0, heard: bool = True):
+        """The answer: LLM tokens, TTS, then the output transport plays it for ``speak_ms``.
+
+        Unless ``heard`` is False: the output then holds the audio (the user spoke first).
+        """
         await self.push(LLMFullResponseStartFrame(), at=start, source=self.llm)
         for i, word in enumerate(ANSWER):
             await self.push(LLMTextFrame(f" {word}"), at=start + 120 + 20 * i, source=self.llm)
@@ -126,6 +129,11 @@ class Session:
             audio = TTSAudioRawFrame(audio=b"\x10\x00" * 960, sample_rate=24000, num_channels=1, context_id="c1")
             await self.push(audio, at=start + 600 + 40 * i, source=self.tts)
         await self.push(BotStartedSpeakingFrame(), at=start + 610, source=self.output, broadcast=True)
+        if not heard:
+            return
+        # The output passes each chunk on once written; the first plays from start + 610.
+        written = OutputAudioRawFrame(audio=b"\x00\x10" * 480, sample_rate=24000, num_channels=1)
+        await self._push(written, at=start + 630, source=self.output, direction=FrameDirection.DOWNSTREAM)
         for i, word in enumerate(ANSWER):
             # The TTS times each word; the output transport passes it on as it plays.
             spoken = TTSTextFrame(word, text_type="word", context_id="c1")
@@ -239,7 +247,7 @@ async def test_interrupted_turn(tmp_path):
 
     first, second = tracer.turns
     assert first.interrupted is True
-    assert first.bot_end_ms == pytest.approx(4000.5)
+    assert first.bot_end_ms == pytest.approx(3330)  # the last audio the output wrote
     assert first.voice_to_voice_ms == pytest.approx(3310 - 2200)
     assert second.turn == 1 and second.interrupted is False
     assert second.user_speech_start_ms == pytest.approx(4000)
@@ -257,7 +265,7 @@ async def test_interruption_frame_while_the_bot_speaks_ends_the_turn(tmp_path):
     await session.push(InterruptionFrame(), at=3900, source=session.user, broadcast=True)
 
     [turn] = tracer.turns
-    assert turn.interrupted is True and turn.bot_end_ms == pytest.approx(3900)
+    assert turn.interrupted is True and turn.bot_end_ms == pytest.approx(3330)
 
 
 async def test_barge_in_stop_runs_from_the_speech_onset_to_the_last_audio_sent(tmp_path):
@@ -349,6 +357,21 @@ async def test_the_words_that_decide_a_barge_in_belong_to_the_turn_they_open(tmp
     first, second = tracer.turns
     assert first.interrupted is True and first.user_text == QUESTION
     assert second.user_text == "Wait, what is two plus two?"
+
+
+async def test_a_reply_the_output_held_before_any_of_it_played_is_no_interruption(tmp_path):
+    """The user went on in a pause: the reply's first audio waited at the output, then was dropped unheard."""
+    tracer = _tracer(tmp_path)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400, text="I'd like to book.")
+    await session.bot_reply(start=2700, speak_ms=None, heard=False)
+    await session.user_starts(at=3400)
+    await session.user_stops(vad_stop=5400, text="A table for two.")
+    await session.bot_reply(start=5700)
+
+    first, second = tracer.turns
+    assert first.interrupted is False and first.voice_to_voice_ms is None and first.bot_text == ""
+    assert second.interrupted is False and second.voice_to_voice_ms == pytest.approx(1110)
 
 
 async def test_a_reply_paused_under_the_users_words_is_cut_when_they_barge_in(tmp_path):

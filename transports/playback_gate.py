@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from loguru import logger
@@ -25,6 +26,8 @@ from pipecat.frames.frames import (
     Frame,
     InterruptionFrame,
     SystemFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
     TTSTextFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection
@@ -126,6 +129,10 @@ class PausableOutputMixin:
         super().__init__(*args, **kwargs)
         self.playback_gate = PlaybackGate()
         self._pause_task: asyncio.Task | None = None
+        # Replies (TTS contexts) seen since the last interruption, and those it cut: a word or
+        # chunk of a cut reply still on its way here is never played, nor kept in the context.
+        self._live_contexts: set[str] = set()
+        self._cut_contexts: deque[str] = deque(maxlen=16)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, PausePlaybackFrame):
@@ -139,9 +146,19 @@ class PausableOutputMixin:
             return
         if isinstance(frame, InterruptionFrame):
             self.playback_gate.interrupt()
+            self._cut_contexts.extend(self._live_contexts)
+            self._live_contexts.clear()
+        elif isinstance(frame, (TTSAudioRawFrame, TTSTextFrame)) and frame.context_id:
+            if frame.context_id in self._cut_contexts:
+                return
+            self._live_contexts.add(frame.context_id)
+        elif isinstance(frame, TTSStoppedFrame):
+            self._live_contexts.discard(frame.context_id)
         await super().process_frame(frame, direction)
 
     async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        if isinstance(frame, TTSTextFrame) and frame.context_id in self._cut_contexts:
+            return
         if isinstance(frame, TTSTextFrame) and frame.pts and direction == FrameDirection.DOWNSTREAM:
             # A word is due when its audio plays: later by however long the reply was held.
             if not await self._word_heard(frame.pts):
