@@ -148,6 +148,7 @@ class PhoneCaller:
         account_sid: str = "ACtest",
         encoding: str = "PCMU",
         shuffle: bool = False,
+        buffer_secs: float = 0.0,
     ):
         self.ws = ws
         self.carrier = carrier
@@ -156,6 +157,7 @@ class PhoneCaller:
         self.account_sid = account_sid
         self.encoding = encoding
         self.shuffle = shuffle  # swap neighbouring media frames, as a jittery network does
+        self.buffer_secs = buffer_secs  # the bot's audio plays this long after it arrives (a jitter buffer)
         self.received = Received()
         self._seq = 0
         self._chunk = 0
@@ -280,7 +282,7 @@ class PhoneCaller:
                 if event == "media":
                     audio = g711_decode(base64.b64decode(message["media"]["payload"]), self.encoding)
                     self.received.media.append((now, audio))
-                    self._play_end = max(now, self._play_end) + len(audio) / RATE
+                    self._play_end = max(now + self.buffer_secs, self._play_end) + len(audio) / RATE
                 elif event == "clear":
                     self.received.clears.append(now)
                     self._play_end = now

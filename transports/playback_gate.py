@@ -96,6 +96,11 @@ class PlaybackGate:
             self._deadline = min(self._deadline, time.monotonic() + after_secs)
             self._changed.set()
 
+    @property
+    def epoch(self) -> int:
+        """Changes with each interruption."""
+        return self._epoch
+
     def interrupt(self) -> None:
         """The reply is cut: what waits is dropped and the next reply starts unheld."""
         self._epoch += 1
@@ -161,7 +166,7 @@ class PausableOutputMixin:
             return
         if isinstance(frame, TTSTextFrame) and frame.pts and direction == FrameDirection.DOWNSTREAM:
             # A word is due when its audio plays: later by however long the reply was held.
-            if not await self._word_heard(frame.pts):
+            if not await self._word_heard(frame.pts) or not await self.listener_heard(frame):
                 return
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self.playback_gate.reply_done()
@@ -177,6 +182,14 @@ class PausableOutputMixin:
             if wait <= 0:
                 return True
             await asyncio.sleep(wait)
+
+    async def listener_heard(self, frame: TTSTextFrame) -> bool:
+        """Whether the word, whose audio was just sent, was heard (False: leave it out).
+
+        Here it was: the listener's buffer is short. An output whose far end buffers
+        more and can say what it played (a carrier's ``mark``) waits to be told.
+        """
+        return True
 
     async def _await_resume(self):
         if await self.playback_gate.admit():

@@ -17,6 +17,7 @@ import json
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
+    TTSTextFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
@@ -66,6 +68,10 @@ CARRIER_RATE = 8000
 REORDER_DEPTH = 3
 # How long the first messages (connected, start) may take once the media socket is open.
 START_TIMEOUT_S = 10.0
+# How long a word waits for its mark to come back before the carrier is taken not to echo them.
+WORD_MARK_TIMEOUT_S = 5.0
+# Marks remembered after the audio they follow was sent (20 ms each: 10 s).
+MARKS_KEPT = 500
 
 
 # --- one-time stream tokens ------------------------------------------------------------
@@ -193,7 +199,7 @@ class CallSerializerMixin:
 
     def _init_call(self) -> None:
         self.stopped = asyncio.Event()
-        self.marks_played: list[str] = []
+        self.marks_played: set[str] = set()
         self._mark_waiters: dict[str, asyncio.Event] = {}
         self._next_chunk: int | None = None
         self._early: dict[int, bytes] = {}
@@ -225,6 +231,8 @@ class CallSerializerMixin:
             return True
         except TimeoutError:
             return False
+        finally:
+            self._mark_waiters.pop(name, None)
 
     def _reorder(self, message: dict) -> list[bytes]:
         media = message.get("media") or {}
@@ -276,7 +284,7 @@ class CallSerializerMixin:
         if event == "mark":
             name = (message.get("mark") or {}).get("name")
             if name:
-                self.marks_played.append(name)
+                self.marks_played.add(name)
                 if name in self._mark_waiters:
                     self._mark_waiters[name].set()
             return None
@@ -301,12 +309,58 @@ class CallSerializerMixin:
 
 
 class TelephonyOutputTransport(PausableOutputMixin, FastAPIWebsocketOutputTransport):
-    """pipecat's FastAPI output with the bot's pause gate (the carrier buffers only ~20 ms)."""
+    """pipecat's FastAPI output with the bot's pause gate, and the carrier's word for what was played.
+
+    Audio is sent in real time, but the carrier and the phone network buffer some of it.
+    Every 20 ms frame is followed by a ``mark``; a word leaves for the context only once the
+    carrier echoes the first mark sent after its audio began (it played everything before
+    it), so a barge-in keeps only the words the caller heard. A carrier that never echoes
+    a mark is trusted on pacing alone.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._marks_echoed = True
+        self._sent_marks: deque[tuple[int, str]] = deque(maxlen=MARKS_KEPT)  # (clock time, name)
+        self._mark_sent = asyncio.Event()
+
+    def _call_serializer(self) -> CallSerializerMixin | None:
+        serializer = self._params.serializer
+        return serializer if self._marks_echoed and isinstance(serializer, CallSerializerMixin) else None
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if not await self.playback_gate.admit():
             return False
-        return await super().write_audio_frame(frame)
+        if not await super().write_audio_frame(frame):
+            return False
+        if serializer := self._call_serializer():
+            name = serializer.new_mark("a")
+            await self._write_frame(OutputTransportMessageUrgentFrame(message=serializer.mark_message(name)))
+            self._sent_marks.append((self.get_clock().get_time(), name))
+            self._mark_sent.set()
+        return True
+
+    async def listener_heard(self, frame: TTSTextFrame) -> bool:
+        serializer = self._call_serializer()
+        if serializer is None:
+            return True
+        epoch = self.playback_gate.epoch
+        # The mark that followed the word's first audio: found by time, so a word let
+        # through late (the one before it waited for its echo) is no later for it.
+        while self._sent_marks and self._sent_marks[0][0] < frame.pts:
+            self._sent_marks.popleft()
+        while not self._sent_marks:
+            self._mark_sent.clear()
+            try:
+                await asyncio.wait_for(self._mark_sent.wait(), WORD_MARK_TIMEOUT_S)
+            except TimeoutError:
+                return True  # no audio came after it: nothing to wait for
+        name = self._sent_marks[0][1]
+        if not await serializer.wait_mark(name, timeout=WORD_MARK_TIMEOUT_S):
+            logger.warning(f"{serializer.carrier}: no mark echoed within {WORD_MARK_TIMEOUT_S} s; words count as sent")
+            self._marks_echoed = False
+        # A barge-in meanwhile: the carrier's clear echoes the marks of audio it never played.
+        return epoch == self.playback_gate.epoch
 
 
 class TelephonyTransport(FastAPIWebsocketTransport):
