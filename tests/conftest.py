@@ -17,6 +17,19 @@ from tests.slow_synthesis import slowed
 
 # A voice other than the bot's, so the user and the bot sound different.
 USER_VOICE = "jm_kumo"
+# A turn trace's moments, in the order they happen.
+TURN_EVENTS = [
+    "user_speech_start_ms",
+    "user_speech_end_ms",
+    "vad_stop_ms",
+    "transcript_ms",
+    "generation_start_ms",
+    "first_token_ms",
+    "tts_start_ms",
+    "first_tts_audio_ms",
+    "first_audio_out_ms",
+    "bot_end_ms",
+]
 # How much slower synthesis runs in the slow-machine runs of the timing-sensitive tests.
 SLOW_FACTOR = 2.5
 

@@ -8,23 +8,12 @@ from pathlib import Path
 
 from bot.conversation import run_conversation
 from bot.tracing import STAGES, TurnTrace
+from tests.conftest import TURN_EVENTS
 from transports.scripted import Cue
 
 QUESTION = "What is the capital of France?"
 # Trace and audio agree to this: a 20 ms input frame, the first quiet samples of a reply.
 AGREEMENT_MS = 50
-EVENTS = [
-    "user_speech_start_ms",
-    "user_speech_end_ms",
-    "vad_stop_ms",
-    "transcript_ms",
-    "generation_start_ms",
-    "first_token_ms",
-    "tts_start_ms",
-    "first_tts_audio_ms",
-    "first_audio_out_ms",
-    "bot_end_ms",
-]
 
 
 async def test_trace_agrees_with_the_audio(base_config, models, speaker):
@@ -43,8 +32,8 @@ async def test_trace_agrees_with_the_audio(base_config, models, speaker):
     for record, turn in zip(records, answered):
         assert set(record) == {f.name for f in fields(TurnTrace)}
         assert set(record["stages"]) == set(STAGES)
-        times = [record[name] for name in EVENTS]
-        assert None not in times and times == sorted(times), dict(zip(EVENTS, times))
+        times = [record[name] for name in TURN_EVENTS]
+        assert None not in times and times == sorted(times), dict(zip(TURN_EVENTS, times))
         assert record["voice_to_voice_ms"] == turn.trace_voice_to_voice_ms
         assert turn.voice_to_voice_ms is not None
         assert abs(turn.trace_voice_to_voice_ms - turn.voice_to_voice_ms) <= AGREEMENT_MS, (

@@ -32,24 +32,13 @@ from pipecat.observers.base_observer import FramePushed
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from bot.tracing import STAGES, LatencyTracer, TurnTrace
+from tests.conftest import TURN_EVENTS
 from transports.scripted import ScriptedTransport
 
 VAD_STOP_SECS = 0.2
 QUESTION = "What is the capital of France?"
 ANSWER = ["The", "capital", "is", "Paris."]
 TRACE_KEYS = {f.name for f in fields(TurnTrace)}
-TIMES = [
-    "user_speech_start_ms",
-    "user_speech_end_ms",
-    "vad_stop_ms",
-    "transcript_ms",
-    "generation_start_ms",
-    "first_token_ms",
-    "tts_start_ms",
-    "first_tts_audio_ms",
-    "first_audio_out_ms",
-    "bot_end_ms",
-]
 
 
 class Session:
@@ -157,6 +146,15 @@ def _tracer(tmp_path, **kwargs) -> LatencyTracer:
     return LatencyTracer(session_id="s1", vad_stop_secs=VAD_STOP_SECS, log_dir=tmp_path, **kwargs)
 
 
+async def _speaking(tmp_path) -> tuple[LatencyTracer, Session]:
+    """A session whose bot is in the middle of its answer to the first question."""
+    tracer = _tracer(tmp_path)
+    session = Session(tracer)
+    await session.user_turn(start=1000, vad_stop=2400)
+    await session.bot_reply(start=2700, speak_ms=None)
+    return tracer, session
+
+
 async def _normal_turn(tracer: LatencyTracer, *, echoes: bool = False) -> None:
     session = Session(tracer, echoes=echoes)
     await session.user_turn(start=1000, vad_stop=2400)
@@ -193,8 +191,8 @@ async def test_normal_turn_records_every_field(tmp_path):
     assert set(turn.stages) == set(STAGES)
     # Voice to voice: first audio out minus the VAD stop less its stop delay.
     assert turn.voice_to_voice_ms == pytest.approx(3310 - (2400 - VAD_STOP_SECS * 1000))
-    times = [getattr(turn, name) for name in TIMES]
-    assert times == sorted(times), dict(zip(TIMES, times))
+    times = [getattr(turn, name) for name in TURN_EVENTS]
+    assert times == sorted(times), dict(zip(TURN_EVENTS, times))
 
     [line] = tracer.path.read_text().splitlines()
     record = json.loads(line)
@@ -235,10 +233,7 @@ async def test_speech_end_is_read_from_the_input_audio(tmp_path):
 
 
 async def test_interrupted_turn(tmp_path):
-    tracer = _tracer(tmp_path)
-    session = Session(tracer)
-    await session.user_turn(start=1000, vad_stop=2400)
-    await session.bot_reply(start=2700, speak_ms=None)
+    tracer, session = await _speaking(tmp_path)
     # The user talks over the bot: a new turn opens, the output transport stops.
     await session.user_starts(at=4000)
     await session.push(BotStoppedSpeakingFrame(), at=4020, source=session.output, broadcast=True)
@@ -258,10 +253,7 @@ async def test_interrupted_turn(tmp_path):
 
 
 async def test_interruption_frame_while_the_bot_speaks_ends_the_turn(tmp_path):
-    tracer = _tracer(tmp_path)
-    session = Session(tracer)
-    await session.user_turn(start=1000, vad_stop=2400)
-    await session.bot_reply(start=2700, speak_ms=None)
+    tracer, session = await _speaking(tmp_path)
     await session.push(InterruptionFrame(), at=3900, source=session.user, broadcast=True)
 
     [turn] = tracer.turns
@@ -320,10 +312,7 @@ async def test_on_turn_gets_each_turn(tmp_path):
 
 async def test_a_gap_in_the_bots_voice_does_not_end_its_turn(tmp_path):
     """pipecat reports the bot stopped after a few seconds without audio; the reply goes on."""
-    tracer = _tracer(tmp_path)
-    session = Session(tracer)
-    await session.user_turn(start=1000, vad_stop=2400)
-    await session.bot_reply(start=2700, speak_ms=None)
+    tracer, session = await _speaking(tmp_path)
     # Synthesis fell behind: a gap, then the rest of the reply, then its end.
     await session.push(BotStoppedSpeakingFrame(), at=5000, source=session.output, broadcast=True)
     assert tracer.open_turn is not None
@@ -339,10 +328,7 @@ async def test_a_gap_in_the_bots_voice_does_not_end_its_turn(tmp_path):
 
 async def test_the_words_that_decide_a_barge_in_belong_to_the_turn_they_open(tmp_path):
     """Words over the bot are transcribed before they open their turn: that turn keeps them."""
-    tracer = _tracer(tmp_path)
-    session = Session(tracer)
-    await session.user_turn(start=1000, vad_stop=2400)
-    await session.bot_reply(start=2700, speak_ms=None)
+    tracer, session = await _speaking(tmp_path)
     await session.push(VADUserStartedSpeakingFrame(start_secs=0.2), at=4000, source=session.user, broadcast=True)
     await session.push(
         VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP_SECS), at=5400, source=session.user, broadcast=True
@@ -376,10 +362,7 @@ async def test_a_reply_the_output_held_before_any_of_it_played_is_no_interruptio
 
 async def test_a_reply_paused_under_the_users_words_is_cut_when_they_barge_in(tmp_path):
     """The output holds a reply while words decide; pipecat reports the bot stopped; it was still cut."""
-    tracer = _tracer(tmp_path)
-    session = Session(tracer)
-    await session.user_turn(start=1000, vad_stop=2400)
-    await session.bot_reply(start=2700, speak_ms=None)
+    tracer, session = await _speaking(tmp_path)
     await session.push(VADUserStartedSpeakingFrame(start_secs=0.2), at=4000, source=session.user, broadcast=True)
     await session.push(BotStoppedSpeakingFrame(), at=5000, source=session.output, broadcast=True)
     await session.push(UserStartedSpeakingFrame(), at=5651, source=session.user, broadcast=True)

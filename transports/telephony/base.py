@@ -517,12 +517,20 @@ class CallController(BaseObserver):
 
 
 async def open_media_socket(
-    websocket: WebSocket, *, token: str, tokens: TokenStore, state: BotState, carrier: str
+    websocket: WebSocket,
+    *,
+    token: str,
+    tokens: TokenStore,
+    state: BotState,
+    carrier: str,
+    call_id_field: str,
+    call_id_required: bool,
 ) -> tuple[CallTicket, dict] | None:
     """Accept a carrier's media socket on its one-time token, and read its ``start`` message.
 
     None once the socket is closed: an unknown, used or expired token (1008), models not
-    loaded yet (1013), or no ``start`` message (1008).
+    loaded yet (1013), no ``start`` message (1008), or one whose ``call_id_field`` names
+    another call than the token's, or none where ``call_id_required`` (1008).
     """
     ticket = tokens.consume(token, carrier)
     if ticket is None:
@@ -535,6 +543,11 @@ async def open_media_socket(
         return None
     start = await _read_start(websocket)
     if start is None:
+        await websocket.close(code=1008)
+        return None
+    named = (start.get("start") or {}).get(call_id_field)
+    if named != ticket.call_id and (named is not None or call_id_required):
+        logger.warning(f"{carrier}: media socket refused: its {call_id_field} is not the token's call")
         await websocket.close(code=1008)
         return None
     return ticket, start

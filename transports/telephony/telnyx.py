@@ -189,27 +189,25 @@ def mount(app: FastAPI, state: BotState, tokens: TokenStore) -> None:
 
     @app.websocket(f"/telephony/{NAME}/ws/{{token}}")
     async def telnyx_media(websocket: WebSocket, token: str):
-        opened = await open_media_socket(websocket, token=token, tokens=tokens, state=state, carrier=NAME)
+        opened = await open_media_socket(
+            websocket, token=token, tokens=tokens, state=state, carrier=NAME,
+            call_id_field="call_control_id", call_id_required=False,  # a TeXML stream may not name it
+        )  # fmt: skip
         if opened is None:
             return
         ticket, start = opened
         info = start.get("start") or {}
-        call_id = info.get("call_control_id") or ticket.call_id
-        if call_id != ticket.call_id:
-            logger.warning("telnyx: media socket refused: its call_control_id is not the token's call")
-            await websocket.close(code=1008)
-            return
         encoding = _normalize((info.get("media_format") or {}).get("encoding") or telnyx.codec)
         serializer = TelnyxCallSerializer(
             stream_id=start.get("stream_id", ""),
             outbound_encoding=encoding if encoding in ENCODINGS else telnyx.codec,
             inbound_encoding=encoding if encoding in ENCODINGS else telnyx.codec,
-            call_control_id=call_id,
+            call_control_id=ticket.call_id,
             api_key=telnyx.api_key.get_secret_value() if telnyx.api_key else None,
             rest_base_url=telnyx.rest_base_url,
             params=TelnyxFrameSerializer.InputParams(auto_hang_up=telnyx.api_key is not None),
         )
-        await run_call(websocket, state, carrier=NAME, call_id=call_id, serializer=serializer)
+        await run_call(websocket, state, carrier=NAME, call_id=ticket.call_id, serializer=serializer)
 
 
 async def _command(telnyx, call_id: str, action: str, body: dict) -> bool:

@@ -126,15 +126,14 @@ def mount(app: FastAPI, state: BotState, tokens: TokenStore) -> None:
 
     @app.websocket(f"/telephony/{NAME}/ws/{{token}}")
     async def twilio_media(websocket: WebSocket, token: str):
-        opened = await open_media_socket(websocket, token=token, tokens=tokens, state=state, carrier=NAME)
+        opened = await open_media_socket(
+            websocket, token=token, tokens=tokens, state=state, carrier=NAME,
+            call_id_field="callSid", call_id_required=True,
+        )  # fmt: skip
         if opened is None:
             return
         ticket, start = opened
         info = start.get("start") or {}
-        if info.get("callSid") != ticket.call_id:
-            logger.warning("twilio: media socket refused: its callSid is not the token's call")
-            await websocket.close(code=1008)
-            return
         account_sid = twilio.account_sid or info.get("accountSid") or ticket.data.get("account_sid")
         can_hang_up = bool(twilio.auth_token is not None and account_sid)
         serializer = TwilioCallSerializer(
