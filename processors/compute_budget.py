@@ -9,6 +9,9 @@ a hole in the bot's voice. So every model call that computes goes through one
 - Speech synthesis runs one piece at a time (ONNX Runtime already uses both cores),
   the piece whose playback deadline is soonest first: with several sessions, the
   listener whose buffer runs dry first is served first.
+- A piece nobody waits for yet (a speculative reply's) gives the synthesizer up
+  when a waiting piece would otherwise miss its deadline: it is stopped
+  (``abort``), raises :class:`Preempted`, and is made again later.
 - While a piece that a listener is waiting for is being made (``urgent``),
   background work waits: the language model between tokens, speculative
   Whisper passes before they start.
@@ -52,6 +55,10 @@ def _lower_priority() -> None:
             pass  # the ordering above still holds
 
 
+class Preempted(Exception):
+    """A piece nobody waited for was stopped for one a listener needs: make it again later."""
+
+
 class ComputeBudget:
     """The process-wide order of compute: urgent speech, then speech, then the rest."""
 
@@ -60,6 +67,8 @@ class ComputeBudget:
         self._queue: list[tuple[float, int]] = []  # (deadline, ticket) of speech waiting its turn
         self._tickets = itertools.count()
         self._running: int | None = None
+        self._abort_running: Callable[[], None] | None = None  # set while a preemptible piece runs
+        self._preempted = False
         self._urgent = 0  # urgent speech waiting or running
         self.yielded_secs = 0.0  # background time spent waiting, for the bench
         self._background = ThreadPoolExecutor(
@@ -76,29 +85,57 @@ class ComputeBudget:
             return self._urgent > 0
 
     @contextmanager
-    def speech(self, *, deadline: float, urgent: bool) -> Iterator[None]:
+    def speech(
+        self, *, deadline: float, urgent: bool, cost: float = 0.0, abort: Callable[[], None] | None = None
+    ) -> Iterator[None]:
         """Hold the synthesizer for one piece of speech (blocking: call it from a worker thread).
 
         Args:
             deadline: ``time.monotonic()`` at which the listener runs out of audio
-                without this piece; the soonest goes first.
+                without this piece; the soonest goes first. ``inf``: nobody waits for it.
             urgent: The listener's buffer is short: background work waits meanwhile.
+            cost: Predicted seconds the piece takes: once it can no longer wait and
+                still meet its deadline, it stops a preemptible piece that holds the synthesizer.
+            abort: Stops this piece's model call. With an ``inf`` deadline it makes the
+                piece preemptible.
+
+        Raises:
+            Preempted: This piece was stopped for a piece with a deadline.
         """
         ticket = next(self._tickets)
         with self._cond:
             self._urgent += urgent
             heapq.heappush(self._queue, (deadline, ticket))
             while self._running is not None or self._queue[0][1] != ticket:
-                self._cond.wait()
+                self._cond.wait(timeout=self._preempt_if_due(deadline - cost))
             heapq.heappop(self._queue)
             self._running = ticket
+            self._abort_running = abort if deadline == float("inf") else None
+            self._preempted = False
         try:
             yield
+        except Exception as error:
+            with self._cond:
+                preempted = self._preempted
+            if preempted:
+                raise Preempted() from error
+            raise
         finally:
             with self._cond:
-                self._running = None
+                self._running = self._abort_running = None
                 self._urgent -= urgent
                 self._cond.notify_all()
+
+    def _preempt_if_due(self, start_by: float) -> float | None:
+        """Stop the running preemptible piece once a waiting piece must start; else how long to wait."""
+        if self._abort_running is None or start_by == float("inf"):
+            return None
+        left = start_by - time.monotonic()
+        if left > 0:
+            return left
+        self._abort_running()
+        self._abort_running, self._preempted = None, True
+        return None
 
     def yield_to_speech(self, *, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Wait while speech a listener is waiting for is being made (blocking).

@@ -211,8 +211,18 @@ class KokoroStream:
         """The voice styles by name."""
         return self._voices
 
-    def analyze(self, text: str, *, voice: str, speed: float = 1.0, lang: str = "en-us") -> Utterance:
+    def analyze(
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float = 1.0,
+        lang: str = "en-us",
+        run_options: ort.RunOptions | None = None,
+    ) -> Utterance:
         """Phonemize ``text`` and run the front: fixes every frame of the sentence at once.
+
+        ``run_options.terminate = True`` from another thread stops the front (it raises).
 
         Raises:
             ValueError: unknown voice, speed outside 0.5-2.0, nothing to say, or more
@@ -224,16 +234,24 @@ class KokoroStream:
                 f"{text[:40]!r}... has {len(phonemes)} phonemes, more than Kokoro's {MAX_PHONEME_LENGTH}: "
                 "split it (analyze_all does)"
             )
-        return self._analyze_phonemes(phonemes, voice=voice, speed=speed)
+        return self._analyze_phonemes(phonemes, voice=voice, speed=speed, run_options=run_options)
 
-    def analyze_all(self, text: str, *, voice: str, speed: float = 1.0, lang: str = "en-us") -> list[Utterance]:
+    def analyze_all(
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float = 1.0,
+        lang: str = "en-us",
+        run_options: ort.RunOptions | None = None,
+    ) -> list[Utterance]:
         """Like ``analyze``, for text of any length: split where ``Kokoro.create`` splits it.
 
         Cuts fall at sentence ends first, then clauses, then words.
         """
         phonemes = self._phonemize(text, lang=lang)
         return [
-            self._analyze_phonemes(batch, voice=voice, speed=speed)
+            self._analyze_phonemes(batch, voice=voice, speed=speed, run_options=run_options)
             for batch in split_phonemes(phonemes, MAX_PHONEME_LENGTH)
         ]
 
@@ -244,7 +262,9 @@ class KokoroStream:
             raise ValueError(f"Nothing to synthesize, {text!r} produced no phonemes")
         return phonemes
 
-    def _analyze_phonemes(self, phonemes: str, *, voice: str, speed: float) -> Utterance:
+    def _analyze_phonemes(
+        self, phonemes: str, *, voice: str, speed: float, run_options: ort.RunOptions | None
+    ) -> Utterance:
         if voice not in self._voices:
             raise ValueError(f"Voice {voice} not found in available voices")
         if not 0.5 <= speed <= 2.0:
@@ -263,6 +283,7 @@ class KokoroStream:
                 STYLE: style,
                 SPEED: np.array([speed], dtype=self._dtypes[SPEED]),
             },
+            run_options,
         )
         start, stop = _speech_span(energy, durations)
         return Utterance(

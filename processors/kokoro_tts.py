@@ -49,7 +49,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.turns.speculation_gate import SpeculationGate
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from processors.compute_budget import ComputeBudget
+from processors.compute_budget import ComputeBudget, Preempted
 from processors.first_clause_aggregator import FirstClauseAggregator
 from processors.kokoro_stream import ChunkedDecoding, KokoroStream, Utterance
 from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
@@ -431,11 +431,11 @@ class KokoroTTSService(TTSService):
         return self._replies.get(reply.context_id) is reply
 
     async def _speak(self, text: str, reply: _Reply):
+        analyze = functools.partial(self._kokoro.analyze_all, voice=self._voice, speed=self._speed, lang=self._lang)
         utterances, secs = await self._compute(
-            lambda: self._timed(
-                functools.partial(self._kokoro.analyze_all, voice=self._voice, speed=self._speed, lang=self._lang), text
-            ),
+            lambda options: self._timed(functools.partial(analyze, run_options=options), text),
             reply,
+            cost=self._front_secs * _SAFETY,
         )
         self._front_secs += _SMOOTHING * (secs - self._front_secs)
         frames = sum(u.frames for u in utterances)
@@ -454,11 +454,10 @@ class KokoroTTSService(TTSService):
                 await self._until_confirmed(reply)
             frames = self._chunk_frames(decoding, reply)
             decoded = decoding.frames_decoded_for(frames)
-            options = ort.RunOptions()
             audio, secs = await self._compute(
-                lambda: self._timed(functools.partial(decoding.next, run_options=options), frames),
+                lambda options: self._timed(functools.partial(decoding.next, run_options=options), frames),
                 reply,
-                abort=lambda: setattr(options, "terminate", True),
+                cost=self._speed_model.predict(decoded) * _SAFETY,
             )
             self._speed_model.observe(frames=decoded, secs=secs)
             logger.trace(
@@ -495,29 +494,34 @@ class KokoroTTSService(TTSService):
         start = time.perf_counter()
         return fn(*args), time.perf_counter() - start
 
-    async def _compute(self, fn: Callable[[], T], reply: _Reply, *, abort: Callable[[], None] | None = None) -> T:
+    async def _compute(self, fn: Callable[[ort.RunOptions], T], reply: _Reply, *, cost: float) -> T:
         """Run a model call in a worker thread, in its turn, keeping the audio contexts alive.
 
+        ``fn`` passes its ``RunOptions`` to ONNX Runtime: terminating them stops it. A
+        speculative reply's call stopped for another listener's audio is made again,
+        in its new turn (the reply may have been confirmed meanwhile).
+
         Raises:
-            _Dropped: The reply was interrupted meanwhile; ``abort`` stopped the call.
+            _Dropped: The reply was interrupted meanwhile; its call was stopped.
         """
-        now = time.monotonic()
-        if self._is_speculative(reply):
-            deadline, urgent = float("inf"), False  # nobody waits for it yet: after all other speech
-        elif reply.playing or reply.held:
-            # Audio in hand: urgent only when it is about to run out (held audio is
-            # buffering on purpose, and the rest of the reply's text may be needed).
-            ahead = reply.ahead(now)
-            deadline = now + ahead
-            urgent = reply.playing and ahead < _URGENT_AHEAD_SECS + self._speed_model.predict(self._min_chunk_frames)
-        else:
-            deadline, urgent = reply.waiting_since, True  # the listener waits for the first sound
+        while True:
+            try:
+                return await self._compute_once(fn, reply, cost=cost)
+            except Preempted:
+                logger.debug(f"{self}: a speculative piece gave way to another listener's audio")
+
+    async def _compute_once(self, fn: Callable[[ort.RunOptions], T], reply: _Reply, *, cost: float) -> T:
+        options = ort.RunOptions()
+        deadline, urgent = self._priority(reply)
+
+        def abort() -> None:
+            options.terminate = True
 
         def run() -> T:
-            with self._budget.speech(deadline=deadline, urgent=urgent):
+            with self._budget.speech(deadline=deadline, urgent=urgent, cost=cost, abort=abort):
                 start = time.perf_counter()
                 try:
-                    return fn()
+                    return fn(options)
                 finally:
                     reply.compute_secs += time.perf_counter() - start
 
@@ -532,9 +536,22 @@ class KokoroTTSService(TTSService):
                     await self._release(reply)  # buffered long enough: play, even if a gap may follow
             return task.result()
         finally:
-            if not task.done() and abort is not None:
-                abort()  # the next reply gets the cores now, not when this chunk would be done
+            if not task.done():
+                abort()  # the next reply gets the cores now, not when this call would be done
             task.cancel()
+
+    def _priority(self, reply: _Reply) -> tuple[float, bool]:
+        """The reply's next piece's playback deadline, and whether its listener is about to wait."""
+        now = time.monotonic()
+        if self._is_speculative(reply):
+            return float("inf"), False  # nobody waits for it yet: after all other speech
+        if reply.playing or reply.held:
+            # Audio in hand: urgent only when it is about to run out (held audio is
+            # buffering on purpose, and the rest of the reply's text may be needed).
+            ahead = reply.ahead(now)
+            urgent = reply.playing and ahead < _URGENT_AHEAD_SECS + self._speed_model.predict(self._min_chunk_frames)
+            return now + ahead, urgent
+        return reply.waiting_since, True  # the listener waits for the first sound
 
     def _chunk_frames(self, decoding: ChunkedDecoding, reply: _Reply) -> int | None:
         """How many frames to decode next; None for all that is left, the cheapest way."""

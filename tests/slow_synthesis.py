@@ -18,6 +18,9 @@ import time
 
 from bot.models import Models
 
+# How often a slowed call checks whether it was told to stop (ONNX Runtime checks between nodes).
+_TERMINATE_POLL_SECS = 0.01
+
 
 class SlowKokoroStream:
     """The real ``KokoroStream``, ``factor`` times slower in every model call."""
@@ -29,14 +32,22 @@ class SlowKokoroStream:
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
-    def _slowly(self, fn, *args, **kwargs):
+    def _slowly(self, fn, *args, run_options=None, **kwargs):
+        """``fn``, then the rest of its slowed time; stopped meanwhile as ONNX Runtime stops, by raising."""
         start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        time.sleep((self._factor - 1) * (time.perf_counter() - start))
+        result = fn(*args, run_options=run_options, **kwargs)
+        until = start + self._factor * (time.perf_counter() - start)
+        while (left := until - time.perf_counter()) > 0:
+            if run_options is not None and run_options.terminate:
+                return fn(*args, run_options=run_options, **kwargs)  # the model raises, as it does mid-run
+            time.sleep(min(left, _TERMINATE_POLL_SECS))
         return result
 
     def analyze(self, *args, **kwargs):
         return self._slowly(self._stream.analyze, *args, **kwargs)
+
+    def analyze_all(self, *args, **kwargs):
+        return self._slowly(self._stream.analyze_all, *args, **kwargs)
 
     def decode(self, *args, **kwargs):
         return self._slowly(self._stream.decode, *args, **kwargs)

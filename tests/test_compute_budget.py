@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from processors.compute_budget import ComputeBudget
+import pytest
+
+from processors.compute_budget import ComputeBudget, Preempted
 
 
 def _in_thread(fn) -> threading.Thread:
@@ -44,6 +46,64 @@ def test_speech_runs_one_at_a_time_soonest_deadline_first():
     for thread in threads:
         thread.join(5)
     assert order == ["first", "soon", "late"]
+
+
+class _Interruptible:
+    """A model call that runs until it is done or told to stop, as ONNX Runtime's ``terminate`` does."""
+
+    def __init__(self, secs: float):
+        self.secs = secs
+        self.started = threading.Event()
+        self.stop = threading.Event()
+
+    def __call__(self) -> None:
+        self.started.set()
+        if self.stop.wait(self.secs):
+            raise RuntimeError("Exiting due to terminate flag being set to true.")
+
+
+def _speculative(budget: ComputeBudget, call: _Interruptible, outcome: list[str]) -> threading.Thread:
+    def run():
+        try:
+            with budget.speech(deadline=float("inf"), urgent=False, abort=call.stop.set):
+                call()
+            outcome.append("done")
+        except Preempted:
+            outcome.append("preempted")
+
+    return _in_thread(run)
+
+
+def test_a_piece_nobody_waits_for_gives_way_to_one_that_would_miss_its_deadline():
+    budget = ComputeBudget()
+    call, outcome = _Interruptible(5.0), []
+    speculative = _speculative(budget, call, outcome)
+    assert call.started.wait(5)
+    start = time.monotonic()
+    # Due in 0.3 s, 0.2 s of work: it can wait 0.1 s, no longer.
+    with budget.speech(deadline=start + 0.3, urgent=False, cost=0.2):
+        waited = time.monotonic() - start
+    speculative.join(5)
+    assert outcome == ["preempted"]
+    assert 0.05 < waited < 0.5
+
+
+def test_a_piece_that_can_wait_lets_the_speculative_piece_finish():
+    budget = ComputeBudget()
+    call, outcome = _Interruptible(0.2), []
+    speculative = _speculative(budget, call, outcome)
+    assert call.started.wait(5)
+    with budget.speech(deadline=time.monotonic() + 5.0, urgent=False, cost=0.2):
+        pass
+    speculative.join(5)
+    assert outcome == ["done"]
+
+
+def test_a_failure_of_a_piece_not_preempted_is_its_own():
+    budget = ComputeBudget()
+    with pytest.raises(ValueError):
+        with budget.speech(deadline=float("inf"), urgent=False, abort=lambda: None):
+            raise ValueError("bad text")
 
 
 def test_background_work_waits_while_urgent_speech_runs():
