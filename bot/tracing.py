@@ -210,10 +210,7 @@ class LatencyTracer(BaseObserver):
         elif isinstance(frame, UserStartedSpeakingFrame):
             await self._open_turn(t)
         elif isinstance(frame, (InterruptionFrame, CancelFrame, EndFrame)):
-            if self._current and not self._sounded(self._current):
-                # Held at the output (the user went on in a pause): no sound, no reply heard.
-                self._current.first_audio_out_ms = None
-            if self._current and self._current.first_audio_out_ms is not None:
+            if self._current and self._heard(self._current):
                 # The session ending under the bot is no interruption by the user.
                 if isinstance(frame, InterruptionFrame):
                     self._cut(self._current, t)
@@ -310,10 +307,7 @@ class LatencyTracer(BaseObserver):
         if self._current is not None:
             # A reply that sounded and has not ended is cut, even paused or in a gap (a
             # paused reply soon reads as "bot stopped speaking" to pipecat).
-            heard = self._sounded(self._current)
-            if not heard:
-                self._current.first_audio_out_ms = None
-            elif self._current.bot_end_ms is None:
+            if self._heard(self._current) and self._current.bot_end_ms is None:
                 self._cut(self._current, t)
             self._current.bot_end_ms = self._current.bot_end_ms or t
             self._close_turn()
@@ -327,17 +321,21 @@ class LatencyTracer(BaseObserver):
             self._current.transcript_ms, self._current.user_text = self._unclaimed
         self._unclaimed = None
 
-    def _sounded(self, turn: TurnTrace) -> bool:
+    def _heard(self, turn: TurnTrace) -> bool:
         """Whether the turn's reply was heard: the output wrote some of its audio.
 
         pipecat reports the bot started speaking as the output takes the first audio,
-        even when it then holds it (the user spoke first) and none is played.
+        even when it then holds it (the user went on in a pause) and none is played:
+        such a turn is given no reply (its first audio out is forgotten).
         """
-        return (
+        heard = (
             turn.first_audio_out_ms is not None
             and self._last_audio_out_ms is not None
             and self._last_audio_out_ms >= turn.first_audio_out_ms
         )
+        if not heard:
+            turn.first_audio_out_ms = None
+        return heard
 
     def _cut(self, turn: TurnTrace, t: float) -> None:
         """The user barged in: the bot's speech ended with the last audio it sent."""

@@ -335,6 +335,9 @@ async def test_interruption_sends_the_carriers_clear():
     await twilio.deserialize(json.dumps({"event": "mark", "sequenceNumber": "9", "streamSid": "MZ9", "mark": {"name": "m1"}}))
     assert await twilio.wait_mark("m1", timeout=0.1)
     assert not await twilio.wait_mark("m2", timeout=0.05)
+    # Marks are echoed in the order sent: a later one says the earlier ones were played.
+    await twilio.deserialize(json.dumps({"event": "mark", "streamSid": "MZ9", "mark": {"name": "a4"}}))
+    assert await twilio.wait_mark("m3", timeout=0) and not await twilio.wait_mark("m5", timeout=0.05)
 
 
 # --- REST hang-up ---------------------------------------------------------------------------------
@@ -740,7 +743,7 @@ async def test_a_goodbye_hangs_up_after_the_reply_has_played_and_its_mark_came_b
     await controller.on_push_frame(_pushed(BotStoppedSpeakingFrame(), source=output))
     await _until(lambda: worker.queued, "the end of the call", timeout=5)
     assert [type(f).__name__ for f in worker.queued] == ["EndFrame"]
-    assert output.sent and output.sent[0]["event"] == "mark" and serializer.marks_played == {output.sent[0]["mark"]["name"]}
+    assert output.sent and output.sent[0]["event"] == "mark" and await serializer.wait_mark(output.sent[0]["mark"]["name"], timeout=0)
     assert controller.ended_by == "goodbye"
     await controller.stop()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import secrets
 import time
 import uuid
@@ -189,7 +190,9 @@ class CallSerializerMixin:
       waits (at most ``REORDER_DEPTH`` frames) for the missing one; one that arrives too
       late is dropped rather than played out of place.
     - ``mark`` echoes (the carrier has played everything sent before the mark) wake
-      :meth:`wait_mark`, so the call knows what the caller really heard.
+      :meth:`wait_mark`, so the call knows what the caller really heard. Marks are
+      numbered in the order sent and echoed in that order: one number, the highest
+      echoed, says which were played.
     - ``stop`` (the caller hung up) sets :attr:`stopped`; no REST hang-up follows it.
     - On the bot's own ``EndFrame``/``CancelFrame`` the call is hung up through the carrier's
       REST API (the subclass's ``_hang_up_call``), once.
@@ -199,8 +202,8 @@ class CallSerializerMixin:
 
     def _init_call(self) -> None:
         self.stopped = asyncio.Event()
-        self.marks_played: set[str] = set()
-        self._mark_waiters: dict[str, asyncio.Event] = {}
+        self.marks_played_upto = 0  # the number of the last mark the carrier echoed
+        self._mark_waiters: dict[int, asyncio.Event] = {}
         self._next_chunk: int | None = None
         self._early: dict[int, bytes] = {}
         self.late_frames = 0
@@ -221,18 +224,34 @@ class CallSerializerMixin:
         self._mark_counter += 1
         return f"{prefix}{self._mark_counter}"
 
+    @staticmethod
+    def _mark_number(name: str) -> int | None:
+        digits = re.search(r"(\d+)$", name)
+        return int(digits.group(1)) if digits else None
+
     async def wait_mark(self, name: str, *, timeout: float) -> bool:
         """Whether the carrier echoed mark ``name`` (played all audio sent before it) in time."""
-        if name in self.marks_played:
+        number = self._mark_number(name)
+        if number is None:
+            raise ValueError(f"{name!r} is not a mark made by new_mark")
+        if number <= self.marks_played_upto:
             return True
-        event = self._mark_waiters.setdefault(name, asyncio.Event())
+        event = self._mark_waiters.setdefault(number, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)
             return True
         except TimeoutError:
             return False
         finally:
-            self._mark_waiters.pop(name, None)
+            self._mark_waiters.pop(number, None)
+
+    def _mark_echoed(self, name: str) -> None:
+        number = self._mark_number(name)
+        if number is None or number <= self.marks_played_upto:
+            return  # not one of ours, or news already had
+        self.marks_played_upto = number
+        for waiting in [n for n in self._mark_waiters if n <= number]:
+            self._mark_waiters[waiting].set()
 
     def _reorder(self, message: dict) -> list[bytes]:
         media = message.get("media") or {}
@@ -283,10 +302,8 @@ class CallSerializerMixin:
             return await super().deserialize(self._media_message(b"".join(payloads)))
         if event == "mark":
             name = (message.get("mark") or {}).get("name")
-            if name:
-                self.marks_played.add(name)
-                if name in self._mark_waiters:
-                    self._mark_waiters[name].set()
+            if isinstance(name, str):
+                self._mark_echoed(name)
             return None
         if event == "stop":
             self.stopped.set()
