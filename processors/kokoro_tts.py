@@ -509,6 +509,8 @@ class KokoroTTSService(TTSService):
                 return await self._compute_once(fn, reply, cost=cost)
             except Preempted:
                 logger.debug(f"{self}: a speculative piece gave way to another listener's audio")
+                if not self._current(reply):
+                    raise _Dropped()
 
     async def _compute_once(self, fn: Callable[[ort.RunOptions], T], reply: _Reply, *, cost: float) -> T:
         options = ort.RunOptions()
