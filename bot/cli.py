@@ -61,13 +61,19 @@ def serve(
     port: int | None = typer.Option(None, help="Overrides server.port"),
 ):
     """Serve the bot: a web page at /, the voice WebSocket at /ws."""
+    from bot.access import ExposedWithoutTokenError
     from bot.server import create_server
 
     config = _config(config_path)
     host = host or config.server.host
     port = port if port is not None else config.server.port
+    try:
+        server = create_server(config, host=host, port=port)
+    except ExposedWithoutTokenError as e:
+        typer.secho(f"voxbot: {e}", fg="red", err=True)
+        raise typer.Exit(2)
     typer.echo(f"voxbot: serving on http://{host}:{port} (models load in the background; see /ready)")
-    create_server(config, host=host, port=port).run()
+    server.run()
 
 
 @app.command()

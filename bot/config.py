@@ -36,6 +36,8 @@ class ServerConfig(_Section):
     session_timeout_s: int = Field(900, ge=1)
     max_message_bytes: int = Field(64_000, ge=1024)
     allowed_origins: list[str] = Field(default_factory=list)
+    auth_token: SecretStr | None = None
+    allow_anonymous: bool = False
 
 
 class AudioConfig(_Section):

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from pipecat.workers.runner import WorkerRunner
 
+from bot.access import AccessGuard, check_exposure
 from bot.config import Config
 from bot.models import Models, load_models
 from bot.pipeline import build_pipeline
@@ -35,6 +36,11 @@ class Metrics:
         self.sessions = Gauge("voxbot_sessions_active", "Open conversations", registry=self.registry)
         self.sessions_total = Counter("voxbot_sessions_total", "Conversations started", registry=self.registry)
         self.rejected = Counter("voxbot_sessions_rejected_total", "Connections refused (server full)", registry=self.registry)
+        self.auth_failures = Counter(
+            "voxbot_auth_failures_total", "WebSocket sessions refused for their token", ["reason"], registry=self.registry
+        )
+        for reason in ("missing", "wrong", "rate_limited"):
+            self.auth_failures.labels(reason=reason)
         self.turns = Counter("voxbot_turns_total", "Turns completed", ["interrupted"], registry=self.registry)
         self.v2v = Histogram(
             "voxbot_voice_to_voice_seconds",
@@ -78,6 +84,7 @@ class BotState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recent_turns: list[TurnTrace] = []
         self.metrics = Metrics()
+        self.access = AccessGuard(token=config.server.auth_token, failures=self.metrics.auth_failures)
 
     def has_room(self) -> bool:
         """Browser sessions and phone calls share the models, and ``server.max_sessions``."""
@@ -147,8 +154,10 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
         return {"ready": True, "seconds": round(state.ready_after or 0, 2)}
 
     @app.get("/status")
-    async def status():
+    async def status(request: Request):
         v2v = [t.voice_to_voice_ms for t in state.recent_turns if t.voice_to_voice_ms is not None]
+        # The turns hold what users said: only for the token's holder, where there is a token.
+        authorized = state.access.authorized(state.access.bearer(request.headers.get("authorization")))
         return {
             "ready": state.models is not None,
             "models": state.models.describe() if state.models else None,
@@ -159,7 +168,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
             },
             "turns": len(state.recent_turns),
             "voice_to_voice_ms": {"p50": percentile(v2v, 50), "p95": percentile(v2v, 95)},
-            "recent_turns": [t.__dict__ for t in state.recent_turns[-10:]],
+            "recent_turns": [t.__dict__ for t in state.recent_turns[-10:]] if authorized else None,
         }
 
     @app.get("/metrics")
@@ -169,6 +178,8 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
         await websocket.accept()
+        if not await state.access.admit(websocket):
+            return
         if state.load_error:
             await websocket.send_json({"type": "error", "message": f"models failed to load: {state.load_error}"})
             await websocket.close(code=1011)
@@ -252,7 +263,11 @@ def create_server(config: Config, *, host: str, port: int, models: Models | None
 
     WebSocket messages up to twice ``server.max_message_bytes`` reach the app, so an
     oversized one gets an error message rather than a dropped connection.
+
+    Raises:
+        ExposedWithoutTokenError: ``host`` is not loopback and nobody is asked for a token.
     """
+    check_exposure(host=host, token=config.server.auth_token, allow_anonymous=config.server.allow_anonymous)
     return uvicorn.Server(
         uvicorn.Config(
             create_app(config, models=models),

@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import pytest
 import soxr
+from loguru import logger
 
 from bot.config import Config, load_config
 from bot.models import Models, load_kokoro, load_models
@@ -74,3 +75,21 @@ def speaker(base_config):
 
 def silence(seconds: float, *, sample_rate: int = 16000) -> np.ndarray:
     return np.zeros(int(seconds * sample_rate), dtype=np.int16)
+
+
+class CapturedLogs:
+    """What loguru logs inside the block (secrets must never be in it)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __enter__(self):
+        self._id = logger.add(lambda m: self.lines.append(str(m)), level="DEBUG")
+        return self
+
+    def __exit__(self, *exc):
+        logger.remove(self._id)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)

@@ -24,7 +24,6 @@ import pytest
 import soxr
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from loguru import logger
 from pydantic import SecretStr
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
@@ -39,7 +38,7 @@ from bot.conversation import run_conversation
 from bot.scenarios import Speaker, build_cues, load_scenarios
 from bot.server import create_app
 from processors.barge_in import words_of
-from tests.conftest import silence
+from tests.conftest import CapturedLogs, silence
 from tests.live_server import serve, serve_app
 from tests.phone_caller import CarrierAPI, PhoneCaller, g711_decode, g711_encode, is_loud
 from tests.phone_line import PhoneLineTransport
@@ -68,22 +67,6 @@ def light_config(**telephony) -> Config:
         else:
             setattr(config.telephony, section, value)
     return config
-
-
-class CapturedLogs:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __enter__(self):
-        self._id = logger.add(lambda m: self.lines.append(str(m)), level="DEBUG")
-        return self
-
-    def __exit__(self, *exc):
-        logger.remove(self._id)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
 
 
 def asgi_client(config: Config) -> httpx.AsyncClient:

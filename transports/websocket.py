@@ -4,7 +4,8 @@ Wire protocol (one connection = one conversation):
 
 - client -> server, binary: 16-bit little-endian mono PCM at the declared rate
   (default the pipeline's input rate), whole samples in each message.
-- client -> server, text: ``{"type": "start", "sample_rate": 48000}`` declares the
+- client -> server, text: ``{"type": "auth", "token": ...}`` first, where the server asks
+  for a token (bot/access.py); ``{"type": "start", "sample_rate": 48000}`` declares the
   microphone rate (resampled server-side with soxr); ``{"type": "ping"}``.
 - server -> client, binary: 16-bit mono PCM at the pipeline's output rate.
 - server -> client, text: ``{"type": "ready", "session_id": ..., "sample_rate_in": ...,
@@ -111,6 +112,8 @@ class PCMJSONSerializer(FrameSerializer):
                 else None
             )
             return None
+        if kind == "auth":
+            return None  # the token was checked before the session began (bot/access.py)
         if kind == "ping":
             return OutputTransportMessageUrgentFrame(message={"type": "pong"})
         return error_frame(f"unknown message type {kind!r}")

@@ -14,6 +14,10 @@ const ui = {
 window.voxbot = { receivedAudioBytes: 0 };
 
 let session = null;
+// The server's access token, if it asks for one: from the URL fragment (#token=...), which
+// browsers never send to the server or put in its logs, or typed in after a refusal.
+let token = new URLSearchParams(location.hash.slice(1)).get("token");
+const UNAUTHORIZED = 1008;
 
 ui.toggle.addEventListener("click", () => (session ? stop("idle") : start()));
 
@@ -78,11 +82,18 @@ function start() {
   const s = { context, ws, player: new Player(playback), stream: null, botLine: null };
   session = s;
 
-  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: context.sampleRate }));
+  ws.onopen = () => {
+    if (token) ws.send(JSON.stringify({ type: "auth", token }));
+    ws.send(JSON.stringify({ type: "start", sample_rate: context.sampleRate }));
+  };
   ws.onmessage = (event) => onMessage(s, event.data);
   ws.onerror = () => showError("the connection to the bot failed");
-  ws.onclose = () => {
-    if (session === s) stop(ui.error.hidden ? "closed" : "error");
+  ws.onclose = (event) => {
+    if (session !== s) return;
+    stop(ui.error.hidden ? "closed" : "error");
+    if (event.code === UNAUTHORIZED && event.reason.startsWith("unauthorized")) {
+      token = window.prompt("This bot asks for an access token:") || token;
+    }
   };
 }
 
