@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -40,3 +41,18 @@ def serve_app(config: Config, *, models: Models | None) -> Iterator[tuple[str, B
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def session_tasks(state: BotState) -> list[str]:
+    """The server loop's tasks that belong to a session: pipecat's, the bot's, the transport's."""
+
+    async def collect():
+        names = []
+        for task in asyncio.all_tasks():
+            code = getattr(task.get_coro(), "cr_code", None)
+            filename = code.co_filename if code else ""
+            if any(part in filename for part in ("/pipecat/", "/processors/", "/transports/")):
+                names.append(f"{task.get_name()} ({filename.rsplit('/', 1)[-1]})")
+        return names
+
+    return asyncio.run_coroutine_threadsafe(collect(), state.loop).result(10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -15,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SLOW_FACTOR, silence
-from tests.live_server import serve
+from tests.live_server import serve, serve_app, session_tasks
 
 QUESTION = "What is the capital of France?"
 # A browser's AudioContext usually runs at 48 kHz: the server resamples to 16 kHz.
@@ -264,3 +266,32 @@ async def test_talking_over_the_bot_pauses_the_page_then_flushes_or_resumes_it(h
     assert after_pause and after_pause[0] == then, kinds
     if then == "resume":
         assert "interrupt" not in after_pause, kinds
+
+
+def _resources(state) -> tuple[int, int, int]:
+    """Threads, open file descriptors, and the server loop's session tasks, now."""
+    return threading.active_count(), len(os.listdir("/proc/self/fd")), len(session_tasks(state))
+
+
+async def test_fifty_sessions_opened_and_closed_leave_no_task_thread_or_file_behind(base_config, models):
+    async def one():
+        async with session(host) as client:
+            await client.stream(silence(0.1, sample_rate=RATE))
+
+    with serve_app(base_config, models=models) as (host, state):
+        await one()  # the first session makes the pools and caches every later one shares
+        await wait_for_status(host, lambda s: s["active_sessions"] == 0, "the warm-up session's end")
+        baseline = _resources(state)
+        for _ in range(50):
+            await one()
+        await wait_for_status(host, lambda s: s["active_sessions"] == 0, "every session's end")
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while any(now > before for now, before in zip(_resources(state), baseline)):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)  # a closed session's last tasks finish on their own
+        threads, fds, tasks = _resources(state)
+        assert all(now <= before for now, before in zip((threads, fds, tasks), baseline)), (
+            f"after 50 sessions: {threads} threads, {fds} fds, {tasks} session tasks; before: {baseline};"
+            f" tasks left: {session_tasks(state)}"
+        )

@@ -39,7 +39,7 @@ from bot.scenarios import Speaker, build_cues, load_scenarios
 from bot.server import create_app
 from processors.barge_in import words_of
 from tests.conftest import CapturedLogs, silence
-from tests.live_server import serve, serve_app
+from tests.live_server import session_tasks, serve, serve_app
 from tests.phone_caller import CarrierAPI, PhoneCaller, g711_decode, g711_encode, is_loud
 from tests.phone_line import PhoneLineTransport
 from tests.test_scenarios import check_scenario
@@ -416,21 +416,6 @@ def slow_phone_server(base_config, slow_models, carrier_api):
     yield from _phone_server(base_config, slow_models, carrier_api)
 
 
-def _bot_tasks(state) -> list[str]:
-    """The server loop's tasks that belong to a call: pipecat's, the bot's, the transport's."""
-
-    async def collect():
-        names = []
-        for task in asyncio.all_tasks():
-            code = getattr(task.get_coro(), "cr_code", None)
-            filename = code.co_filename if code else ""
-            if any(part in filename for part in ("/pipecat/", "/processors/", "/transports/")):
-                names.append(f"{task.get_name()} ({filename.rsplit('/', 1)[-1]})")
-        return names
-
-    return asyncio.run_coroutine_threadsafe(collect(), state.loop).result(10)
-
-
 async def _until(check, what: str, timeout: float = TIMEOUT):
     deadline = time.monotonic() + timeout
     while not check():
@@ -479,7 +464,7 @@ async def _call_over(host: str, state, carrier: str) -> None:
         assert time.monotonic() < deadline, "the call never ended"
         await asyncio.sleep(0.1)
     deadline = time.monotonic() + 10
-    while (left := _bot_tasks(state)) and time.monotonic() < deadline:
+    while (left := session_tasks(state)) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert left == [], left
 
