@@ -20,6 +20,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
 )
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 from pipecat.turns.user_start import VADUserTurnStartStrategy
 from pipecat.turns.user_stop import (
     SpeechTimeoutUserTurnStopStrategy,
@@ -186,6 +187,10 @@ def build_pipeline(
                 )
             ),
             user_turn_strategies=build_turn_strategies(config, bot_voice=bot_voice),
+            # With barge-in on words a turn with no words never cuts a reply, so there is
+            # nothing to recover by asking the LLM to guess (a failed transcription says
+            # its own apology, processors/apology.py); on voice alone pipecat's recovery stays.
+            empty_user_turn=None if config.turns.barge_in == "words" else EmptyUserTurnConfig(),
         ),
     )
     tts = KokoroTTSService(

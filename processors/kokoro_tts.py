@@ -49,6 +49,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.turns.speculation_gate import SpeculationGate
 from pipecat.utils.text.base_text_aggregator import TextType
 
+from processors.apology import FaultNoticeFrame
 from processors.compute_budget import ComputeBudget, Preempted
 from processors.first_clause_aggregator import FirstClauseAggregator
 from processors.kokoro_stream import ChunkedDecoding, KokoroStream, Utterance
@@ -390,6 +391,8 @@ class KokoroTTSService(TTSService):
             except Exception as e:
                 logger.exception(f"{self}: synthesis failed for {job}")
                 await self.append_to_audio_context(job.context_id, ErrorFrame(error=f"Kokoro TTS failed: {e}"))
+                # The rest of the reply goes on; the page says what could not be said.
+                await self.push_frame(FaultNoticeFrame(message=f"part of the reply could not be spoken: {e}"))
 
     async def _next_job(self) -> _Sentence | _ReplyEnd:
         """The next job; meanwhile keep open replies alive, and release held audio starved of text."""

@@ -20,6 +20,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
+from processors.apology import APOLOGY, CUT_SHORT, FaultNoticeFrame
 from processors.preemptive import PreemptionWasteFrame, SpeculativeReplyFrame
 
 
@@ -100,6 +101,9 @@ class LocalLLMService(LLMService):
                 raise
             except Exception as e:
                 await self.push_error(error_msg=f"{self.engine_name} generation failed: {e}", exception=e)
+                # Said, not left in silence; the apology joins the context like any reply.
+                await self.push_frame(FaultNoticeFrame(message=f"the reply failed: {e}"))
+                await self._push_llm_text(CUT_SHORT if self._tokens else APOLOGY)
             finally:
                 await self.stop_processing_metrics()
                 await self.push_frame(LLMFullResponseEndFrame())

@@ -48,6 +48,7 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketTransport,
 )
 
+from processors.apology import FaultNoticeFrame
 from transports.playback_gate import PausableOutputMixin
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ class ClientEventsObserver(BaseObserver):
         elif isinstance(frame, TTSTextFrame) and data.source is self._output:
             # The output transport passes each word on as its audio is sent: what was heard.
             message = {"type": "bot_text", "text": frame.text}
+        elif isinstance(frame, FaultNoticeFrame) and data.first_push:
+            message = {"type": "error", "message": f"Sorry, {frame.message}"}
         else:
             return
         await self._output.queue_frame(OutputTransportMessageUrgentFrame(message=message))
