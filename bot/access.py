@@ -56,17 +56,14 @@ class AccessGuard:
         self._failures = failures
         self._recent: dict[str, deque[float]] = {}
 
-    @property
-    def required(self) -> bool:
-        return self._token is not None
-
     def authorized(self, presented: str | None) -> bool:
         """Whether ``presented`` is the token (always true when none is set)."""
         if self._token is None:
             return True
         return presented is not None and hmac.compare_digest(presented.encode(), self._token)
 
-    def bearer(self, authorization: str | None) -> str | None:
+    @staticmethod
+    def bearer(authorization: str | None) -> str | None:
         """The token of an ``Authorization: Bearer`` header."""
         scheme, _, token = (authorization or "").partition(" ")
         return token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipecat.frames.frames import SystemFrame
+from pipecat.frames.frames import Frame, SystemFrame, TTSSpeakFrame
 
 # Nothing was understood, or nothing of the reply was said yet.
 APOLOGY = "Sorry, something went wrong on my side. Could you say that again?"
@@ -22,3 +22,15 @@ class FaultNoticeFrame(SystemFrame):
     """A model failed mid-turn: the web page shows ``message`` (a phone caller hears the apology)."""
 
     message: str = ""
+
+
+def transcription_failed(error: Exception) -> list[Frame]:
+    """What an STT service pushes when a turn's transcription fails: a notice and the apology.
+
+    The user's words never reached the context, so neither does the request to say
+    them again.
+    """
+    return [
+        FaultNoticeFrame(message=f"speech recognition failed: {error}"),
+        TTSSpeakFrame(APOLOGY, append_to_context=False),
+    ]

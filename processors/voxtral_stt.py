@@ -12,12 +12,12 @@ import torch
 from loguru import logger
 from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
 
-from pipecat.frames.frames import ErrorFrame, Frame, TranscriptionFrame, TTSSpeakFrame
+from pipecat.frames.frames import ErrorFrame, Frame, TranscriptionFrame
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.time import time_now_iso8601
 
-from processors.apology import APOLOGY, FaultNoticeFrame
+from processors.apology import transcription_failed
 from processors.whisper_stt import pcm16_to_float
 
 VOXTRAL_SAMPLE_RATE = 16000
@@ -112,10 +112,8 @@ class VoxtralSTTService(SegmentedSTTService):
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Voxtral STT failed: {e}", exception=e)
-            yield FaultNoticeFrame(message=f"speech recognition failed: {e}")
-            # The user spoke and hears that it went wrong; their words never reached the
-            # context, so neither does the request to say them again.
-            yield TTSSpeakFrame(APOLOGY, append_to_context=False)
+            for frame in transcription_failed(e):
+                yield frame
             return
         finally:
             await self.stop_processing_metrics()

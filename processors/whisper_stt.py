@@ -19,7 +19,6 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
-    TTSSpeakFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -29,7 +28,7 @@ from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.turns.eager_end_of_turn_mixin import EagerEndOfTurnSTTServiceMixin
 from pipecat.utils.time import time_now_iso8601
 
-from processors.apology import APOLOGY, FaultNoticeFrame
+from processors.apology import transcription_failed
 from processors.audio_level import pcm_peak
 from processors.barge_in import Floor
 from processors.bot_voice import BotVoice
@@ -305,10 +304,8 @@ class WhisperSTTService(EagerEndOfTurnSTTServiceMixin, SegmentedSTTService):
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Whisper STT failed: {e}")
-            yield FaultNoticeFrame(message=f"speech recognition failed: {e}")
-            # The user spoke and hears that it went wrong; their words never reached the
-            # context, so neither does the request to say them again.
-            yield TTSSpeakFrame(APOLOGY, append_to_context=False)
+            for frame in transcription_failed(e):
+                yield frame
             return
         finally:
             await self.stop_processing_metrics()
