@@ -16,6 +16,8 @@ from processors.local_llm import LocalLLMService
 SENTENCE_ENDS = (".", "!", "?")
 # Past max_tokens a reply may run this many more tokens to reach a sentence end.
 _GRACE_TOKENS = 24
+# What a chat template adds around a message's text, in tokens (ChatML: 5; Llama 3: 5; Gemma: 6).
+MESSAGE_OVERHEAD_TOKENS = 8
 # How often a reply waiting for the shared model checks whether it was cancelled.
 _LOCK_POLL_SECS = 0.02
 _DONE = object()
@@ -46,6 +48,39 @@ def merge_consecutive_turns(messages: list[dict]) -> list[dict]:
         else:
             merged.append(dict(message))
     return merged
+
+
+def fit_window(messages: list[dict], *, count, budget: int, dropped: int = 0, target: int | None = None) -> int:
+    """How many of the oldest messages after the system prompt to leave out so the rest fit.
+
+    A long session keeps talking: llama.cpp refuses a prompt over its window, and every
+    later turn of that session would fail. Exchanges go whole, oldest first, so the roles
+    still alternate from a user message; the system prompt and the latest message stay.
+
+    Args:
+        messages: OpenAI-style messages, roles alternating after an optional system one.
+        count: The model's token count of a text.
+        budget: Tokens the prompt may take (the window less the longest reply).
+        dropped: What earlier turns left out: kept while it fits, so the prompt begins
+            the same and llama.cpp reuses what it evaluated of it.
+        target: When more must go, drop down to this many tokens (default ``budget``):
+            room for the next turns without changing the prompt's beginning again.
+    """
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    sizes = [count(str(m.get("content") or "")) + MESSAGE_OVERHEAD_TOKENS for m in messages]
+    first = min(head + dropped, max(head, len(messages) - 1))
+    total = sum(sizes[:head]) + sum(sizes[first:])
+    if total <= budget:
+        return first - head
+    goal = budget if target is None else min(target, budget)
+    while total > goal and len(messages) - first > 1:
+        total -= sizes[first]
+        first += 1
+        # Not left opening on the bot's words: drop through to the next user message.
+        while len(messages) - first > 1 and messages[first]["role"] != "user":
+            total -= sizes[first]
+            first += 1
+    return first - head
 
 
 class LlamaCppLLMService(LocalLLMService):
@@ -93,6 +128,25 @@ class LlamaCppLLMService(LocalLLMService):
         self._llm = llm
         self._lock = lock
         self._budget = budget
+        self._dropped = 0  # the oldest messages no longer sent (the window is full)
+
+    def _fit(self, messages: list[dict]) -> list[dict]:
+        """The messages that fit the model's window with room for the longest reply.
+
+        Once the window is full, half of it is cleared at a time: the turns after that reuse
+        llama.cpp's evaluation of the unchanged beginning instead of re-reading the window.
+        """
+        budget = self._llm.n_ctx() - (self._max_tokens + _GRACE_TOKENS)
+
+        def count(text: str) -> int:
+            return len(self._llm.tokenize(text.encode(), add_bos=False, special=True))
+
+        dropped = fit_window(messages, count=count, budget=budget, dropped=self._dropped, target=budget // 2)
+        if dropped != self._dropped:
+            logger.debug(f"{self}: the oldest {dropped} messages left out to fit {budget} tokens")
+            self._dropped = dropped
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        return messages[:head] + messages[head + dropped :]
 
     async def _messages(self, context: LLMContext) -> list[dict]:
         return merge_consecutive_turns(await self._openai_messages(context))
@@ -114,7 +168,7 @@ class LlamaCppLLMService(LocalLLMService):
                     if stop.is_set():
                         return
                     stream = self._llm.create_chat_completion(
-                        messages=messages,
+                        messages=self._fit(messages),
                         max_tokens=self._max_tokens + _GRACE_TOKENS,
                         temperature=self._temperature,
                         stream=True,

@@ -1,6 +1,7 @@
 """LlamaCppLLMService on the real SmolLM2 GGUF: streaming, sentence-bounded replies, barge-in."""
 
 import asyncio
+import threading
 import time
 
 from pipecat.frames.frames import (
@@ -15,7 +16,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import run_test
 
-from processors.responder import _GRACE_TOKENS, SENTENCE_ENDS, LlamaCppLLMService
+from processors.responder import _GRACE_TOKENS, SENTENCE_ENDS, LlamaCppLLMService, fit_window
 from tests.live_pipeline import running
 
 STORYTELLER = "You are a storyteller. Tell long, detailed stories with many characters."
@@ -50,6 +51,9 @@ class CountingLlama:
         self._llm = llm
         self.calls = 0
         self.token_times: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
 
     def create_chat_completion(self, **kwargs):
         self.calls += 1
@@ -189,3 +193,83 @@ async def test_interruption_while_waiting_for_the_shared_model_is_immediate(mode
     assert passed_after < 0.5, passed_after
     assert calls_after_release == 0, "the cancelled reply still ran once the model was free"
     assert not models.llm_lock.locked()
+
+
+class PromptSpy:
+    """The real model; each request's prompt is formatted by the model's own chat template
+    (what llama.cpp evaluates) and its tokens counted."""
+
+    def __init__(self, llm):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._llm = llm
+        self._format = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
+            bos_token=llm.detokenize([llm.token_bos()], special=True).decode(),
+        )
+        self.requests: list[tuple[list[dict], int]] = []  # (messages, prompt tokens)
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def create_chat_completion(self, *, messages, **kwargs):
+        prompt = self._format(messages=messages).prompt
+        self.requests.append((messages, len(self._llm.tokenize(prompt.encode(), add_bos=False, special=True))))
+        return self._llm.create_chat_completion(messages=messages, **kwargs)
+
+
+def test_the_window_keeps_the_system_prompt_and_the_latest_turns_whole():
+    messages = [{"role": "system", "content": "s " * 10}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i} " * 10} for i in range(9)
+    ]
+    count = lambda text: len(text.split())  # noqa: E731  (a word a token)
+    each = 10 + 8  # words and a message's template overhead
+    # Four fit: six go, the oldest exchanges whole, so the first kept is a user message.
+    assert fit_window(messages, count=count, budget=4 * each) == 6
+    assert messages[1 + 6]["role"] == "user"
+    # Dropping down to a target: room for the next turns.
+    assert fit_window(messages, count=count, budget=4 * each, target=2 * each) == 8
+    assert fit_window(messages, count=count, budget=100 * each) == 0
+    # What an earlier turn left out stays out while the rest fits: the prompt begins the same.
+    assert fit_window(messages, count=count, budget=100 * each, dropped=2) == 2
+    # Too small even for the question: the question is still sent (llama.cpp says why it fails).
+    assert fit_window(messages, count=count, budget=1) == 8
+
+
+async def test_a_conversation_longer_than_the_window_is_answered_to_the_last_turn(base_config):
+    """120 turns through the real SmolLM2 with a 512-token window (2048 by default: the same,
+    four times slower): every turn answered, every prompt the model's template makes fits."""
+    from llama_cpp import Llama
+
+    from bot import assets
+
+    n_ctx, max_tokens = 512, 24
+    spy = PromptSpy(Llama(model_path=str(assets.llm_gguf_path(None)), n_ctx=n_ctx, n_threads=2, verbose=False))
+    service = LlamaCppLLMService(
+        llm=spy, lock=threading.Lock(),
+        system_prompt=base_config.llm.system_prompt, max_tokens=max_tokens, temperature=0.0,
+    )  # fmt: skip
+    context = LLMContext()
+    topics = ["France", "the moon", "cats", "tea", "rain", "music", "Rome", "bread", "snow", "trains"]
+    for turn in range(120):
+        context.add_message({"role": "user", "content": f"Tell me one thing about {topics[turn % len(topics)]}, please."})
+        down, up = await run_test(service, frames_to_send=[LLMContextFrame(context=context)])
+        errors = [f.error for f in [*down, *up] if isinstance(f, ErrorFrame)]
+        assert not errors, (turn, errors)
+        reply = "".join(f.text for f in down if isinstance(f, LLMTextFrame))
+        assert reply.strip(), turn
+        context.add_message({"role": "assistant", "content": reply})
+
+    assert len(spy.requests) == 120
+    for messages, tokens in spy.requests:
+        assert tokens + max_tokens + _GRACE_TOKENS <= n_ctx, tokens
+        assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+    last_messages, _ = spy.requests[-1]
+    assert last_messages[-1] == context.messages[-2]  # the latest question is always sent
+    assert len(last_messages) < len(context.messages) - 1  # older turns were dropped
+    # Half the window is cleared at a time: the prompt's beginning changed on few turns.
+    beginnings = [messages[1]["content"] for messages, _ in spy.requests]
+    changes = sum(a != b for a, b in zip(beginnings, beginnings[1:]))
+    assert 1 <= changes <= 20, changes
+
