@@ -30,6 +30,7 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 import soxr
+from kokoro_onnx.chunker import pause_after
 from loguru import logger
 
 from pipecat.frames.frames import (
@@ -72,6 +73,10 @@ _HOLE_TOLERANCE_SECS = 0.05
 _URGENT_AHEAD_SECS = 0.3
 # A reply still being generated is assumed to hold about this much more speech.
 _UNSEEN_SPEECH_FRAMES = 60
+# Silence between a reply's pieces, after a sentence's end and after a clause's: what
+# kokoro-onnx's own ``create`` puts between the sentences it joins. Free time to synthesize in.
+_SENTENCE_PAUSE_SECS = 0.25
+_CLAUSE_PAUSE_SECS = 0.1
 # Frames of speech per character of text, before the first sentence measures it.
 _FRAMES_PER_CHAR = 2.5
 # Seconds the front takes for a sentence, before one measures it; and how fast measurements move it.
@@ -88,6 +93,11 @@ T = TypeVar("T")
 
 class _Dropped(Exception):
     """The reply a model call was for has been interrupted."""
+
+
+def _pause_after(text: str) -> float:
+    """Seconds of silence before the piece that follows ``text`` in a reply (none after none)."""
+    return pause_after(text, _SENTENCE_PAUSE_SECS, _CLAUSE_PAUSE_SECS) if text else 0.0
 
 
 def trim_leading_silence(audio: np.ndarray, *, sample_rate: int) -> np.ndarray:
@@ -136,6 +146,7 @@ class _Reply:
     context_id: str
     waiting_since: float = field(default_factory=time.monotonic)
     spoken_secs: float = 0.0  # audio made so far: word times count from the reply's first audio
+    spoken_text: str = ""  # the last piece of text begun: the pause before the next follows from it
     held: list[TTSAudioRawFrame] = field(default_factory=list)
     held_secs: float = 0.0
     playing: bool = False
@@ -434,6 +445,12 @@ class KokoroTTSService(TTSService):
         return self._replies.get(reply.context_id) is reply
 
     async def _speak(self, text: str, reply: _Reply):
+        pause = _pause_after(reply.spoken_text)
+        reply.spoken_text = text
+        if pause and reply.spoken_secs:
+            # Sent before the piece is made: it is audio in hand while the piece is synthesized.
+            await self._emit(np.zeros(int(pause * KOKORO_SAMPLE_RATE), dtype=np.float32), reply)
+            reply.spoken_secs += pause
         analyze = functools.partial(self._kokoro.analyze_all, voice=self._voice, speed=self._speed, lang=self._lang)
         utterances, secs = await self._compute(
             lambda options: self._timed(functools.partial(analyze, run_options=options), text),
@@ -595,15 +612,16 @@ class KokoroTTSService(TTSService):
                 best, soonest = frames, start
         return best
 
-    def _start_after(self, first: int, rest: int, later: list[int]) -> float:
+    def _start_after(self, first: int, rest: int, later: list[tuple[int, float]]) -> float:
         """Seconds until a reply whose first chunk is ``first`` frames can start, then play through.
 
         The rest of each sentence is decoded in one piece, the cheapest way.
         """
         ready = self._cost(first, first=True, last=rest == 0)
         start, audio = ready, first * FRAME_SECS
-        pieces = ([(rest, False)] if rest else []) + [(frames, True) for frames in later]
-        for frames, fresh in pieces:
+        pieces = ([(rest, 0.0, False)] if rest else []) + [(frames, pause, True) for frames, pause in later]
+        for frames, pause, fresh in pieces:
+            audio += pause
             ready += self._cost(frames, first=fresh, last=True) + (self._front_secs if fresh else 0.0)
             start = max(start, ready - audio - _HOLE_TOLERANCE_SECS)
             audio += frames * FRAME_SECS
@@ -647,27 +665,30 @@ class KokoroTTSService(TTSService):
         """Seconds left before a held reply must start playing."""
         return max(0.0, reply.waiting_since + self._max_buffer_secs - time.monotonic())
 
-    def _pending_frames(self, reply: _Reply) -> list[int]:
-        """Speech frames of the reply's queued sentences (estimated), and more while it is written."""
-        pending, ended = [], False
+    def _pending_frames(self, reply: _Reply) -> list[tuple[int, float]]:
+        """The reply's queued sentences, and more while it is written: speech frames (estimated)
+        and the pause before each."""
+        pending, ended, before = [], False, reply.spoken_text
         for job in self._jobs:
             if job.context_id != reply.context_id:
                 continue
             if isinstance(job, _ReplyEnd):
                 ended = True
             else:
-                pending.append(int(len(job.text) * self._frames_per_char))
-        return pending if ended else [*pending, _UNSEEN_SPEECH_FRAMES]
+                pending.append((int(len(job.text) * self._frames_per_char), _pause_after(before)))
+                before = job.text
+        return pending if ended else [*pending, (_UNSEEN_SPEECH_FRAMES, _pause_after(before))]
 
-    def _plays_through(self, buffered: float, later: list[int], *, current: int = 0) -> bool:
+    def _plays_through(self, buffered: float, later: list[tuple[int, float]], *, current: int = 0) -> bool:
         """Whether, starting now with ``buffered`` seconds, the reply's speech never runs dry.
 
         Plays the reply forward with the chunking used while playing: each chunk must
         be decoded before the audio ahead of it has played out. ``current`` frames are
         left of the sentence being decoded; ``later`` sentences are still to be analyzed.
         """
-        pieces = ([(current, True)] if current else []) + [(frames, False) for frames in later]
-        for rest, begun in pieces:
+        pieces = ([(current, 0.0, True)] if current else []) + [(frames, pause, False) for frames, pause in later]
+        for rest, pause, begun in pieces:
+            buffered += pause
             cost = 0.0 if begun else self._front_secs
             while rest > 0:
                 frames = self._playing_chunk(rest, buffered - cost, begun=begun)
@@ -754,7 +775,7 @@ class KokoroTTSService(TTSService):
         later = self._pending_frames(reply)
         logger.debug(
             f"{self}: reply starts with {secs:.2f}s buffered after {waited:.2f}s of synthesis"
-            f" ({sum(later) * FRAME_SECS:.1f}s of speech estimated still to make)"
+            f" ({sum(frames for frames, _ in later) * FRAME_SECS:.1f}s of speech estimated still to make)"
         )
         await self._send(held, secs, reply)
 

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import soxr
 
-from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame, TTSStartedFrame, TTSStoppedFrame
+from pipecat.frames.frames import (
+    ErrorFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
 
@@ -223,8 +232,10 @@ async def test_a_sentences_words_are_timed_by_the_model(models):
 REPLY = "The ocean covers most of our planet. It is deep, dark and full of strange life."
 
 
-async def _play(models, text: str, **kwargs) -> tuple[BotRecording, float]:
+async def _play(models, text: str | list[str], **kwargs) -> tuple[BotRecording, float]:
     """Speak ``text`` through the service into a real-time scripted speaker.
+
+    A list is one reply streamed as a language model's pieces of text.
 
     Returns the recording and when the request was made (transport time, s).
     """
@@ -241,7 +252,12 @@ async def _play(models, text: str, **kwargs) -> tuple[BotRecording, float]:
         [transport.input(), tts, transport.output()], params=PipelineParams(audio_out_sample_rate=24000)
     ) as worker:
         asked = transport.clock.now()
-        await worker.queue_frame(TTSSpeakFrame(text))
+        if isinstance(text, str):
+            await worker.queue_frame(TTSSpeakFrame(text))
+        else:
+            await worker.queue_frames(
+                [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in text), LLMFullResponseEndFrame()]
+            )
         async with asyncio.timeout(120):
             while rec.last_sound is None or transport.clock.now() - rec.last_sound < 1.0:
                 await asyncio.sleep(0.05)
@@ -279,3 +295,27 @@ async def test_on_a_cpu_slower_than_real_time_a_reply_waits_then_plays_without_a
     # It waited for a buffer: at least part of what real time could not cover.
     rtf = slow.synthesis_speed.real_time_factor
     assert rec.first_sound_after(asked) - asked > 0.5 * (rtf - 1) * utterance.seconds
+
+
+def _longest_pause(rec: BotRecording) -> float:
+    """The longest silence (s) between the first and the last sound of the recording."""
+    timeline = rec.timeline()
+    loud = np.abs(timeline.astype(np.int32)) > SILENCE_LEVEL
+    edges = np.flatnonzero(np.diff(loud.astype(np.int8)))
+    starts, ends = edges[1::2], edges[2::2]  # a silence begins after sound, ends where sound resumes
+    return max(((e - s) / 24000 for s, e in zip(starts, ends)), default=0.0)
+
+
+async def test_sentences_of_a_reply_are_joined_by_the_pause_kokoro_onnx_puts_between_them(models):
+    """A quarter second of silence after a sentence's end, as ``Kokoro.create`` joins sentences.
+
+    Sent before the next sentence is made, it is time to make it in; where the CPU is too
+    busy to make it in time, the hole that follows is the planner's (measured apart).
+    """
+    one, two = "The ocean covers most of our planet.", "Whales sing in the deep sea."
+    alone = [_longest_pause((await _play(models, [text]))[0]) for text in (one, two)]
+    joined, _ = await _play(models, [f"{one} ", two])
+
+    assert max(alone) < 0.2, alone
+    pause = _longest_pause(joined) - sum(gap for _, gap in joined.holes)
+    assert 0.25 - 0.05 <= pause < 0.25 + 0.2, (_longest_pause(joined), joined.holes)
