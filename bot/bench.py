@@ -8,6 +8,8 @@ same run, for the stock pipecat bot on the same models.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,12 @@ class StackResult:
 
     latencies_ms: list[float] = field(default_factory=list)
     turns: int = 0
+    unanswered: int = 0  # turns the user finished whose reply never sounded
+    rounds: int = 0
+    rss_after_first_round_mb: float | None = None
+    # The process's CPU time (every thread: ONNX, llama.cpp) over the wall time of the run.
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
     # Per answered turn: the scenario, voice-to-voice and the holes in the reply.
     per_turn: list[dict] = field(default_factory=list)
     barge_in_stop_ms: list[float] = field(default_factory=list)
@@ -43,6 +51,7 @@ class StackResult:
             t.voice_to_voice_ms for t in result.turns if t.voice_to_voice_ms is not None
         ]
         self.turns += len(result.turns)
+        self.unanswered += sum(1 for t in result.turns if t.user_text and t.trace.first_audio_out_ms is None)
         self.per_turn += [
             {
                 "scenario": scenario.name,
@@ -77,6 +86,9 @@ class StackResult:
             "p50_ms": _round(percentile(self.latencies_ms, 50)),
             "p95_ms": _round(percentile(self.latencies_ms, 95)),
             "turns": len(self.latencies_ms),
+            "unanswered_turns": self.unanswered,
+            "rounds": self.rounds,
+            "cpu_cores_busy": round(self.cpu_s / self.wall_s, 2) if self.wall_s else None,
             "turns_with_holes_over_150ms": sum(1 for t in self.per_turn if t["longest_hole_ms"] > HOLE_MS),
             "longest_hole_ms": max((t["longest_hole_ms"] for t in self.per_turn), default=0.0),
             "per_turn": self.per_turn,
@@ -103,6 +115,12 @@ def rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def rss_now_mb() -> float:
+    """Resident memory of this process now, MB: what a soak watches grow."""
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 async def _run_stack(
     *,
     name: str,
@@ -111,13 +129,20 @@ async def _run_stack(
     scenarios: list[Scenario],
     speaker: Speaker,
     repeat: int,
+    minutes: float | None,
     sessions: int,
     build,
     progress: tqdm,
 ) -> StackResult:
     stack = StackResult()
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    for round_ in range(repeat):
+    cpu_start, wall_start = time.process_time(), time.monotonic()
+    until = time.monotonic() + minutes * 60 if minutes else 0.0
+    for round_ in itertools.count():
+        if round_ >= repeat and time.monotonic() >= until:
+            break
+        if round_ == 1 and minutes:
+            stack.rss_after_first_round_mb = rss_now_mb()  # warm: what later rounds must not outgrow
         for scenario in scenarios:
             progress.set_postfix_str(f"{name}: {scenario.name}")
             results = await asyncio.gather(
@@ -136,6 +161,8 @@ async def _run_stack(
             for result in results:
                 stack.add(result, scenario=scenario, sample_rate=config.audio.in_sample_rate)
             progress.update(1)
+        stack.rounds += 1
+    stack.cpu_s, stack.wall_s = time.process_time() - cpu_start, time.monotonic() - wall_start
     return stack
 
 
@@ -147,9 +174,14 @@ async def run_bench(
     baseline: str | None = None,
     sessions: int = 1,
     repeat: int = 1,
+    minutes: float | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Run every scenario through our bot (and the stock one) and summarize."""
+    """Run every scenario through our bot (and the stock one) and summarize.
+
+    With ``minutes`` (a soak), ours goes round the scenarios, ``repeat`` times at least,
+    until that long has passed, and the summary says how its memory grew after the first round.
+    """
     speaker = Speaker(kokoro=models.kokoro, sample_rate=config.audio.in_sample_rate)
     # Measured at load; the bench's own runs keep correcting it (the figure at the end).
     start_rtf = round(models.synthesis_speed.real_time_factor, 3) if models.synthesis_speed else None
@@ -162,14 +194,22 @@ async def run_bench(
         repeat=repeat, progress=progress,
     )  # fmt: skip
     try:
-        ours = await _run_stack(name="ours", sessions=sessions, build=build_bot, **common)
+        ours = await _run_stack(name="ours", sessions=sessions, minutes=minutes, build=build_bot, **common)
         summary: dict = {"ours": ours.summary(), "sessions": sessions, "scenarios": [s.name for s in scenarios]}
+        if ours.rss_after_first_round_mb is not None:
+            end = rss_now_mb()
+            summary["soak"] = {
+                "minutes": minutes,
+                "rss_after_first_round_mb": ours.rss_after_first_round_mb,
+                "rss_end_mb": end,
+                "rss_growth": round(end / ours.rss_after_first_round_mb - 1, 3),
+            }
         if baseline == "stock":
             from bot.stock import llama_server, stock_builder
 
             with llama_server(config) as base_url:
                 stock = await _run_stack(
-                    name="stock", sessions=sessions, build=stock_builder(base_url), **common
+                    name="stock", sessions=sessions, minutes=None, build=stock_builder(base_url), **common
                 )
             summary["stock"] = stock.summary()
             if ours.latencies_ms and stock.latencies_ms:

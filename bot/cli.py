@@ -117,6 +117,7 @@ def bench(
     baseline: str | None = typer.Option(None, "--baseline", help="'stock': also run the stock pipecat bot"),
     sessions: int = typer.Option(1, "--sessions", min=1, help="Conversations at once in this process"),
     repeat: int = typer.Option(1, "--repeat", min=1, help="Run each scenario this many times"),
+    minutes: float | None = typer.Option(None, "--minutes", min=0, help="Soak: go round the scenarios this long"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     config_path: Path | None = ConfigOption,
 ):
@@ -141,7 +142,15 @@ def bench(
     scenarios = load_scenarios(scenarios_dir or DEFAULT_SCENARIOS, names=names or None)
     models = _load_models(config)
     summary = asyncio.run(
-        run_bench(config=config, models=models, scenarios=scenarios, baseline=baseline, sessions=sessions, repeat=repeat)
+        run_bench(
+            config=config,
+            models=models,
+            scenarios=scenarios,
+            baseline=baseline,
+            sessions=sessions,
+            repeat=repeat,
+            minutes=minutes,
+        )
     )
     if as_json:
         typer.echo(json.dumps(summary))
@@ -155,7 +164,9 @@ def bench(
         if name in summary:
             s = summary[name]
             typer.echo(
-                f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns;"
+                f"{name:>5}: voice-to-voice p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms over {s['turns']} turns"
+                f" ({s['unanswered_turns']} unanswered, {s['rounds']} rounds);"
+                f" CPU {s['cpu_cores_busy']} of {m['cores']} cores busy;"
                 f" barge-in stop p50 {s['barge_in_stop_p50_ms']} ms ({s['barge_in_missed']} missed);"
                 f" {s['false_stops']} false stops; {s['turns_with_holes_over_150ms']} replies with a hole"
                 f" over 150 ms (longest {s['longest_hole_ms']} ms); preemptive reply played in"
@@ -170,6 +181,11 @@ def bench(
     if "ratio_p50" in summary:
         typer.echo(f"ours/stock p50 ratio: {summary['ratio_p50']}")
     typer.echo(f"peak RSS {summary['rss_mb']} MB, {summary['sessions']} session(s) at once")
+    if soak := summary.get("soak"):
+        typer.echo(
+            f"soak: RSS {soak['rss_after_first_round_mb']} MB after the first round, {soak['rss_end_mb']} MB"
+            f" after {soak['minutes']} min ({soak['rss_growth']:+.1%})"
+        )
 
 
 @app.command()

@@ -34,6 +34,9 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=0, le=65535)
     max_sessions: int = Field(8, ge=1)
     session_timeout_s: int = Field(900, ge=1)
+    drain_s: float = Field(10.0, ge=0)
+    admit_max_voice_to_voice_ms: float | None = Field(2000.0, gt=0)
+    admit_max_loop_lag_ms: float = Field(250.0, gt=0)
     max_message_bytes: int = Field(64_000, ge=1024)
     allowed_origins: list[str] = Field(default_factory=list)
     auth_token: SecretStr | None = None
@@ -112,6 +115,7 @@ class OpenAIConfig(_Section):
     base_url: str = "http://127.0.0.1:11434/v1"
     model: str = "llama3.2"
     api_key: str = "EMPTY"
+    timeout_s: float = Field(10.0, gt=0)
 
 
 class LLMConfig(_Section):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -15,17 +17,21 @@ from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
 from bot.access import AccessGuard, check_exposure
+from bot.admission import Admission
+from bot.backends import remote_backends, unreachable
 from bot.config import Config
 from bot.models import Models, load_models
-from bot.pipeline import build_pipeline
+from bot.pipeline import build_pipeline, import_session_modules
 from bot.tracing import LatencyTracer, TurnTrace, percentile
 from transports.telephony import CARRIERS, mount_carriers
 from transports.websocket import ClientEventsObserver, create_websocket_transport, end_with_the_socket
 
 STATIC = Path(__file__).parent / "static"
+SHUTTING_DOWN = "the server is shutting down; reconnect in a moment"
 
 
 class Metrics:
@@ -35,7 +41,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.sessions = Gauge("voxbot_sessions_active", "Open conversations", registry=self.registry)
         self.sessions_total = Counter("voxbot_sessions_total", "Conversations started", registry=self.registry)
-        self.rejected = Counter("voxbot_sessions_rejected_total", "Connections refused (server full)", registry=self.registry)
+        self.rejected = Counter("voxbot_sessions_rejected_total", "Connections refused (server full or busy)", registry=self.registry)
         self.auth_failures = Counter(
             "voxbot_auth_failures_total", "WebSocket sessions refused for their token", ["reason"], registry=self.registry
         )
@@ -69,8 +75,17 @@ class Metrics:
             self.calls_total.labels(carrier=carrier)
 
 
+@dataclass
+class LiveSession:
+    """A conversation in progress, as shutdown sees it: is a turn open, and how to end it."""
+
+    tracer: LatencyTracer
+    worker: PipelineWorker
+    farewell: Callable[[], Awaitable[None]] | None = None  # tells the client why it is closed
+
+
 class BotState:
-    """What the server knows: config, models once loaded, recent turns."""
+    """What the server knows: config, models once loaded, sessions, recent turns."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -82,13 +97,61 @@ class BotState:
         self.active_calls: dict[str, int] = {carrier: 0 for carrier in CARRIERS}
         self.calls_total: dict[str, int] = {carrier: 0 for carrier in CARRIERS}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.live: dict[str, LiveSession] = {}
+        self.draining = False  # shutting down: /ready says so, and no new session starts
+        self.cut_at_shutdown = 0  # sessions still mid-turn when the drain's time was up
         self.recent_turns: list[TurnTrace] = []
         self.metrics = Metrics()
         self.access = AccessGuard(token=config.server.auth_token, failures=self.metrics.auth_failures)
+        self.admission = Admission(
+            max_voice_to_voice_ms=config.server.admit_max_voice_to_voice_ms,
+            max_loop_lag_ms=config.server.admit_max_loop_lag_ms,
+        )
 
     def has_room(self) -> bool:
-        """Browser sessions and phone calls share the models, and ``server.max_sessions``."""
-        return self.active_sessions + sum(self.active_calls.values()) < self.config.server.max_sessions
+        """Whether one more browser session or phone call would be served well (see ``refusal``)."""
+        return self.refusal() is None
+
+    def refusal(self) -> str | None:
+        """Why a new session is refused now, or None: the sessions share the models, the cores
+        and ``server.max_sessions``."""
+        active = self.active_sessions + sum(self.active_calls.values())
+        if active >= self.config.server.max_sessions:
+            return "server is full; retry later"
+        return self.admission.refusal(active=active)
+
+    @contextmanager
+    def session(self, session_id: str, session: LiveSession) -> Iterator[None]:
+        """Known to shutdown while it runs."""
+        self.live[session_id] = session
+        try:
+            yield
+        finally:
+            del self.live[session_id]
+
+    async def drain(self, *, timeout_s: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Let the replies in progress finish (for at most ``timeout_s``, or until ``hurry()``),
+        then end every session."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            busy = sum(s.tracer.open_turn is not None for s in self.live.values())
+            if not busy or hurry() or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        self.cut_at_shutdown = busy
+        if self.live:
+            logger.info(f"Shutting down: ending {len(self.live)} session(s), {busy} of them cut mid-turn")
+        for session in list(self.live.values()):
+            if session.farewell is not None:
+                try:
+                    await session.farewell()
+                except Exception:  # the client may be gone already
+                    pass
+            await session.worker.cancel(reason="server shutting down")
+        ended = time.monotonic() + 5
+        while self.live and time.monotonic() < ended:
+            await asyncio.sleep(0.05)
 
     def call_started(self, carrier: str) -> None:
         self.active_calls[carrier] = self.active_calls.get(carrier, 0) + 1
@@ -102,6 +165,7 @@ class BotState:
 
     def record_turn(self, turn: TurnTrace) -> None:
         self.recent_turns = (self.recent_turns + [turn])[-self.config.tracing.status_turns :]
+        self.admission.record(turn)
         self.metrics.turns.labels(interrupted=str(turn.interrupted).lower()).inc()
         if turn.voice_to_voice_ms is not None:
             self.metrics.v2v.observe(turn.voice_to_voice_ms / 1000)
@@ -119,6 +183,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
     async def load():
         try:
             state.models = models or await asyncio.to_thread(load_models, config)
+            await asyncio.to_thread(import_session_modules)
             state.ready_after = time.monotonic() - state.started
             logger.info(f"Ready in {state.ready_after:.1f} s")
         except Exception as e:
@@ -129,8 +194,10 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.loop = asyncio.get_running_loop()
         loader = asyncio.create_task(load())
+        watcher = asyncio.create_task(state.admission.watch_loop())
         yield
         loader.cancel()
+        watcher.cancel()
 
     app = FastAPI(title="voxbot", lifespan=lifespan)
     app.state.bot = state
@@ -148,9 +215,13 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
+        if state.draining:
+            return JSONResponse({"ready": False, "error": "shutting down"}, status_code=503)
         if state.models is None:
             body = {"ready": False, "error": state.load_error}
             return JSONResponse(body, status_code=503)
+        if problems := await unreachable(remote_backends(config, stt_engine=state.models.stt_engine)):
+            return JSONResponse({"ready": False, "error": "; ".join(problems)}, status_code=503)
         return {"ready": True, "seconds": round(state.ready_after or 0, 2)}
 
     @app.get("/status")
@@ -188,9 +259,13 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
             await websocket.send_json({"type": "error", "message": "models are still loading; retry when /ready"})
             await websocket.close(code=1013)
             return
-        if not state.has_room():
+        if state.draining:
+            await websocket.send_json({"type": "error", "message": SHUTTING_DOWN})
+            await websocket.close(code=1001)
+            return
+        if refusal := state.refusal():
             state.metrics.rejected.inc()
-            await websocket.send_json({"type": "error", "message": "server is full; retry later"})
+            await websocket.send_json({"type": "error", "message": refusal})
             await websocket.close(code=1013)
             return
         await run_session(websocket, state)
@@ -242,14 +317,18 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
 
     end_with_the_socket(transport, session.worker, closed="client disconnected", timed_out="session timeout")
 
+    async def farewell():
+        await transport.output().say_last({"type": "error", "message": SHUTTING_DOWN})
+
     state.active_sessions += 1
     state.metrics.sessions.inc()
     state.metrics.sessions_total.inc()
     logger.info(f"[{session_id}] session started ({state.active_sessions} active)")
     try:
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(session.worker)
-        await runner.run()
+        with state.session(session_id, LiveSession(tracer=tracer, worker=session.worker, farewell=farewell)):
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(session.worker)
+            await runner.run()
     except Exception:
         logger.exception(f"[{session_id}] session failed")
     finally:
@@ -268,12 +347,26 @@ def create_server(config: Config, *, host: str, port: int, models: Models | None
         ExposedWithoutTokenError: ``host`` is not loopback and nobody is asked for a token.
     """
     check_exposure(host=host, token=config.server.auth_token, allow_anonymous=config.server.allow_anonymous)
-    return uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, models=models),
-            host=host,
-            port=port,
-            log_level="warning",
-            ws_max_size=config.server.max_message_bytes * 2,
-        )
+    app = create_app(config, models=models)
+    return DrainingServer(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=config.server.max_message_bytes * 2),
+        state=app.state.bot,
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM (or Ctrl-C): stop accepting, let replies in progress finish, then close the sessions.
+
+    uvicorn alone would close every WebSocket at once, cutting a reply mid-word.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, state: BotState):
+        super().__init__(config)
+        self._state = state
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        # A second Ctrl-C (uvicorn's force_exit) cuts the wait short.
+        await self._state.drain(timeout_s=self._state.config.server.drain_s, hurry=lambda: self.force_exit)
+        await super().shutdown(sockets)

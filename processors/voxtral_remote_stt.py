@@ -13,13 +13,16 @@ from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 
+from processors.apology import transcription_failed
+
 
 class VoxtralRemoteSTTService(SegmentedSTTService):
     """Transcribes each VAD segment through a vLLM server's ``POST /audio/transcriptions``.
 
     Many bot processes can share one GPU server this way. A failed request (an
     error status, an unreachable server, a timeout) ends only its own turn with
-    an ``ErrorFrame`` naming the URL; the next turn tries again.
+    an ``ErrorFrame`` naming the URL and the apology the user hears; the next turn
+    tries again.
     """
 
     def __init__(
@@ -59,6 +62,23 @@ class VoxtralRemoteSTTService(SegmentedSTTService):
         await super().cleanup()
         await self._client.aclose()
 
+    def _error(self, e: Exception) -> ErrorFrame:
+        """What went wrong with the server, in words."""
+        server = f"Voxtral server {self._url}"
+        if isinstance(e, httpx.TimeoutException):
+            return ErrorFrame(
+                error=f"{server} did not answer within {self._timeout_s} s",
+                exception=e,
+                category=ErrorCategory.CONNECTIVITY,
+            )
+        if isinstance(e, httpx.TransportError):
+            return ErrorFrame(error=f"{server} is unreachable: {e}", exception=e, category=ErrorCategory.CONNECTIVITY)
+        if isinstance(e, httpx.HTTPStatusError):
+            return ErrorFrame(
+                error=f"{server} answered HTTP {e.response.status_code}: {e.response.text[:200]}", exception=e
+            )
+        return ErrorFrame(error=f"{server} sent no transcript: {e}", exception=e)
+
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Upload one user turn (a WAV file) and wait for its transcript."""
         fields = {"model": self._model, "response_format": "json"}
@@ -71,31 +91,12 @@ class VoxtralRemoteSTTService(SegmentedSTTService):
             )
             response.raise_for_status()
             text = response.json()["text"].strip()
-        except httpx.TimeoutException as e:
-            yield ErrorFrame(
-                error=f"Voxtral server {self._url} did not answer within {self._timeout_s} s",
-                exception=e,
-                category=ErrorCategory.CONNECTIVITY,
-            )
-            return
-        except httpx.TransportError as e:
-            yield ErrorFrame(
-                error=f"Voxtral server {self._url} is unreachable: {e}",
-                exception=e,
-                category=ErrorCategory.CONNECTIVITY,
-            )
-            return
-        except httpx.HTTPStatusError as e:
-            yield ErrorFrame(
-                error=f"Voxtral server {self._url} answered HTTP {e.response.status_code}: "
-                f"{e.response.text[:200]}",
-                exception=e,
-            )
-            return
-        except (ValueError, KeyError) as e:
-            yield ErrorFrame(
-                error=f"Voxtral server {self._url} sent no transcript: {e}", exception=e
-            )
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            error = self._error(e)
+            yield error
+            # The user hears the apology: a dead server is no reason for silence.
+            for frame in transcription_failed(RuntimeError(error.error)):
+                yield frame
             return
         finally:
             await self.stop_processing_metrics()

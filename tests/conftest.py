@@ -37,9 +37,15 @@ SLOW_FACTOR = 2.5
 
 @pytest.fixture(scope="session")
 def base_config(tmp_path_factory) -> Config:
-    """The shipped config.yaml, with traces written to a temp folder."""
+    """The shipped config.yaml, with traces written to a temp folder, admitting by count only.
+
+    Tests open sessions at will, on machines slow enough that admission by measured load
+    (bot/admission.py, tested in tests/test_admission.py) would refuse some.
+    """
     config = load_config("config.yaml")
     config.tracing.dir = tmp_path_factory.mktemp("latency")
+    config.server.admit_max_voice_to_voice_ms = None
+    config.server.admit_max_loop_lag_ms = 60_000
     return config
 
 
@@ -57,7 +63,12 @@ def slow_models(models, base_config) -> Models:
 @pytest.fixture(scope="session")
 def speaker(base_config):
     """speak(text) -> int16 mono speech at ``sample_rate`` (16 kHz default), no padding."""
-    kokoro = load_kokoro(base_config)
+    return make_speaker(base_config)
+
+
+def make_speaker(config):
+    """The ``speaker`` fixture's ``speak``, for benchmarks outside pytest."""
+    kokoro = load_kokoro(config)
     cache: dict = {}
 
     def speak(text: str, *, voice: str = USER_VOICE, sample_rate: int = 16000) -> np.ndarray:
@@ -71,6 +82,20 @@ def speaker(base_config):
         return cache[key].copy()
 
     return speak
+
+
+# What the server tests' user asks, and at the rate a browser's AudioContext usually runs
+# (the server resamples to 16 kHz).
+QUESTION = "What is the capital of France?"
+RATE = 48000
+
+
+@pytest.fixture(scope="session")
+def question(speaker) -> np.ndarray:
+    """The user asking, as a browser microphone sends it: at 48 kHz, with room around it."""
+    return np.concatenate(
+        [silence(0.3, sample_rate=RATE), speaker(QUESTION, sample_rate=RATE), silence(1.5, sample_rate=RATE)]
+    )
 
 
 def silence(seconds: float, *, sample_rate: int = 16000) -> np.ndarray:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from bot.config import Config
 from bot.models import Models
-from bot.server import BotState, create_server
+from bot.server import BotState, DrainingServer, create_server
 
 
 @contextmanager
@@ -27,6 +27,15 @@ def serve(config: Config, *, models: Models | None) -> Iterator[str]:
 @contextmanager
 def serve_app(config: Config, *, models: Models | None) -> Iterator[tuple[str, BotState]]:
     """Like :func:`serve`, and also yields the app's state (its event loop, its counts)."""
+    with serve_server(config, models=models) as (host, state, _, _):
+        yield host, state
+
+
+@contextmanager
+def serve_server(
+    config: Config, *, models: Models | None
+) -> Iterator[tuple[str, BotState, DrainingServer, threading.Thread]]:
+    """Like :func:`serve_app`, and also yields the uvicorn server (to signal it) and its thread."""
     server = create_server(config, host="127.0.0.1", port=0, models=models)
     thread = threading.Thread(target=server.run, name="voxbot-server", daemon=True)
     thread.start()
@@ -37,7 +46,7 @@ def serve_app(config: Config, *, models: Models | None) -> Iterator[tuple[str, B
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"127.0.0.1:{port}", server.config.app.state.bot
+        yield f"127.0.0.1:{port}", server.config.app.state.bot, server, thread
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -30,6 +30,8 @@ def test_bench_json_summary(tmp_path):
     assert {"p50_ms", "p95_ms", "turns"} <= set(ours)
     assert ours["turns"] >= 1
     assert 0 < ours["p50_ms"] <= ours["p95_ms"]
+    # Process CPU time over wall time: every model thread counts, and no more than the machine has.
+    assert 0.05 < ours["cpu_cores_busy"] <= summary["machine"]["cores"], ours["cpu_cores_busy"]
     assert summary["rss_mb"] > 0
     assert summary["sessions"] == 1
     assert [Path(p).parent for p in summary["traces"]] == [tmp_path]
@@ -42,3 +44,14 @@ def test_bench_json_with_the_stock_baseline(tmp_path):
     assert {"ours", "stock", "ratio_p50"} <= set(summary)
     assert {"p50_ms", "p95_ms", "turns"} <= set(summary["stock"])
     assert summary["stock"]["p50_ms"] > 0 and summary["ratio_p50"] > 0
+
+
+def test_a_soak_goes_round_the_scenarios_until_its_minutes_are_up(tmp_path):
+    summary = _bench("--minutes", "0.3", tmp_path=tmp_path, timeout=300)
+
+    ours = summary["ours"]
+    assert ours["rounds"] >= 2 and ours["turns"] == ours["rounds"], ours
+    assert ours["unanswered_turns"] == 0
+    soak = summary["soak"]
+    assert soak["minutes"] == 0.3 and soak["rss_end_mb"] > 0
+    assert soak["rss_growth"] == round(soak["rss_end_mb"] / soak["rss_after_first_round_mb"] - 1, 3)

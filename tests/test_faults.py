@@ -114,7 +114,8 @@ async def test_failed_synthesis_is_shown_and_the_next_turn_is_spoken(base_config
 
 async def test_the_page_is_told_and_hears_the_apology(base_config, models, speaker):
     from tests.live_server import serve
-    from tests.test_server import RATE, session
+    from tests.conftest import RATE
+    from tests.test_server import session
 
     llm = FailsOnce(models.llm, "create_chat_completion")
     audio = np.concatenate([silence(0.3, sample_rate=RATE), speaker(SECOND, sample_rate=RATE), silence(1.5, sample_rate=RATE)])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,12 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import SLOW_FACTOR, silence
-from tests.live_server import serve, serve_app, session_tasks
+from bot.server import SHUTTING_DOWN, BotState
+from tests.conftest import QUESTION, RATE, SLOW_FACTOR, silence
+from tests.live_server import serve, serve_app, serve_server, session_tasks
 
-QUESTION = "What is the capital of France?"
-# A browser's AudioContext usually runs at 48 kHz: the server resamples to 16 kHz.
-RATE = 48000
 FRAME_SECS = 0.02
 # Generous: two shared CPU cores may be busy with other work.
 TIMEOUT = 90
@@ -123,14 +123,6 @@ def slow_server(base_config, slow_models):
     """The server on a CPU that synthesizes SLOW_FACTOR times slower."""
     with serve(base_config, models=slow_models) as host:
         yield host
-
-
-@pytest.fixture(scope="module")
-def question(speaker) -> np.ndarray:
-    """The user asking, as a browser microphone sends it: at 48 kHz, with room around it."""
-    return np.concatenate(
-        [silence(0.3, sample_rate=RATE), speaker(QUESTION, sample_rate=RATE), silence(1.5, sample_rate=RATE)]
-    )
 
 
 async def test_health_ready_and_page(server):
@@ -295,3 +287,71 @@ async def test_fifty_sessions_opened_and_closed_leave_no_task_thread_or_file_beh
             f"after 50 sessions: {threads} threads, {fds} fds, {tasks} session tasks; before: {baseline};"
             f" tasks left: {session_tasks(state)}"
         )
+
+
+# Threads a process makes once and keeps, whatever its servers: the compute budget's
+# background pool (processors/compute_budget.py) and tqdm's monitor.
+_PROCESS_THREADS = ("voxbot-background", "tqdm_monitor")
+
+
+def _fds() -> dict[str, str]:
+    """The open file descriptors, and what each is."""
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            pass
+    return fds
+
+
+def _threads() -> set[int]:
+    return {t.ident for t in threading.enumerate() if not t.name.startswith(_PROCESS_THREADS)}
+
+
+async def _shutdown_during_a_reply(
+    config, models, question
+) -> tuple[Client, BotState, int, tuple[set[int], dict[str, str]]]:
+    """Ask, and signal SIGTERM as the answer starts to sound; return once the server has exited.
+
+    Returns the client, the app's state, the reply audio bytes received before the signal,
+    and the threads and file descriptors open before the server started.
+    """
+    before = _threads(), _fds()
+    with serve_server(config, models=models) as (host, state, server, thread):
+        async with session(host) as client:
+            await client.ask(question)
+            heard = len(client.audio)
+            server.handle_exit(signal.SIGTERM, None)  # what uvicorn's own handler does
+            await client.until(lambda: client.ws.close_code is not None, "the socket's close")
+            # Nobody new gets in meanwhile.
+            with pytest.raises(OSError):
+                async with connect(f"ws://{host}/ws", open_timeout=5):
+                    pass
+        thread.join(timeout=TIMEOUT)
+        assert not thread.is_alive(), "the server did not exit"
+    return client, state, heard, before
+
+
+async def test_sigterm_lets_the_reply_finish_then_closes_every_session_leaving_nothing(base_config, models, question):
+    with serve_app(base_config, models=models):
+        pass  # the process's first server makes what every later one shares
+    client, state, heard, (threads, fds) = await _shutdown_during_a_reply(base_config, models, question)
+
+    assert len(client.audio) > heard and state.cut_at_shutdown == 0  # the reply played on to its end
+    assert client.events[-1] == {"type": "error", "message": SHUTTING_DOWN}, client.events[-3:]
+    assert client.ws.close_code in (1000, 1001), client.ws.close_code
+    assert state.live == {} and state.active_sessions == 0
+    deadline = time.monotonic() + 10
+    while (_threads() - threads or len(_fds()) > len(fds)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not _threads() - threads, [t.name for t in threading.enumerate() if t.ident not in threads]
+    assert len(_fds()) <= len(fds), set(_fds().values()) - set(fds.values())
+
+
+async def test_a_reply_that_outlasts_the_drain_is_cut_when_it_ends(base_config, models, question):
+    config = base_config.model_copy(deep=True)
+    config.server.drain_s = 0.0
+    client, state, _, _ = await _shutdown_during_a_reply(config, models, question)
+    assert state.cut_at_shutdown == 1
+    assert client.events[-1] == {"type": "error", "message": SHUTTING_DOWN}, client.events[-3:]

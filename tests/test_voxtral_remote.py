@@ -7,7 +7,6 @@ import io
 import socket
 import time
 import wave
-from contextlib import asynccontextmanager
 
 import numpy as np
 from aiohttp import web
@@ -17,12 +16,15 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     TranscriptionFrame,
+    TTSSpeakFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.tests.utils import run_test
 
+from processors.apology import APOLOGY, FaultNoticeFrame
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
+from tests.loopback_http import serve_routes
 
 RATE = 16000
 TRAILING_SILENCE_SECS = 0.1
@@ -60,21 +62,9 @@ class FakeVLLM:
         return web.json_response({"text": f" {TRANSCRIPT} "})
 
 
-@asynccontextmanager
-async def serve(server: FakeVLLM):
+def serve(server: FakeVLLM):
     """Run ``server`` on a free loopback port; yields its base URL."""
-    app = web.Application()
-    app.router.add_post("/v1/audio/transcriptions", server.transcriptions)
-    # Cancel a hanging handler when its client gives up, so shutdown is quick.
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=0.5)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}/v1"
-    finally:
-        await runner.cleanup()
+    return serve_routes([web.post("/v1/audio/transcriptions", server.transcriptions)])
 
 
 def tone(seconds: float) -> bytes:
@@ -110,6 +100,13 @@ def of_type(frames, kind) -> list:
     return [f for f in frames if isinstance(f, kind)]
 
 
+def assert_apologized(down, says: str):
+    """The user hears the apology, and the page is told what failed."""
+    assert [f.text for f in of_type(down, TTSSpeakFrame)] == [APOLOGY]
+    (notice,) = of_type(down, FaultNoticeFrame)
+    assert says in notice.message, notice.message
+
+
 async def test_uploads_a_wav_with_the_openai_fields_and_yields_the_transcript():
     server = FakeVLLM(["ok"])
     audio = tone(0.6)
@@ -140,6 +137,7 @@ async def test_server_error_ends_only_that_turn():
 
     (error,) = of_type(up, ErrorFrame)
     assert base_url in error.error and "HTTP 500" in error.error
+    assert_apologized(down, "HTTP 500")
     # The session goes on: the next turn is transcribed.
     assert [f.text for f in of_type(down, TranscriptionFrame)] == [TRANSCRIPT]
     assert len(server.requests) == 2
@@ -158,6 +156,7 @@ async def test_timeout_ends_the_turn_quickly_and_the_next_turn_works():
 
     (error,) = of_type(up, ErrorFrame)
     assert base_url in error.error and f"{timeout_s} s" in error.error
+    assert_apologized(down, "did not answer")
     assert elapsed < timeout_s + 2.0, elapsed
     assert [f.text for f in of_type(down, TranscriptionFrame)] == [TRANSCRIPT]
 
@@ -171,4 +170,5 @@ async def test_unreachable_server_is_a_clear_error():
 
     (error,) = of_type(up, ErrorFrame)
     assert f"{base_url}/audio/transcriptions is unreachable" in error.error
+    assert_apologized(down, "is unreachable")
     assert not of_type(down, TranscriptionFrame)

@@ -166,6 +166,20 @@ class ClientEventsObserver(BaseObserver):
 class PausableWebsocketOutputTransport(PausableOutputMixin, FastAPIWebsocketOutputTransport):
     """Holds the audio while the user may be barging in, and tells the page to hold its own."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._said_last = False
+
+    async def say_last(self, message: dict) -> None:
+        """Send the session's last message: nothing the pipeline still has in hand follows it."""
+        self._said_last = True
+        await super()._write_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    async def _write_frame(self, frame: Frame) -> bool:
+        if self._said_last:
+            return False
+        return await super()._write_frame(frame)
+
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if not await self.playback_gate.admit():
             return False

@@ -597,6 +597,7 @@ async def run_call(
 ) -> None:
     """Run the bot on one call until it ends (the caller's ``stop``, the socket closing, or a hang-up)."""
     from bot.pipeline import build_pipeline
+    from bot.server import LiveSession
     from bot.tracing import LatencyTracer
 
     config = state.config
@@ -638,10 +639,11 @@ async def run_call(
     logger.info(f"[{session_id}] call started")
     stop_watch = asyncio.create_task(on_stop(), name="call-stop-watch")
     try:
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(session.worker)
-        controller.start(session.worker)
-        await runner.run()
+        with state.session(session_id, LiveSession(tracer=tracer, worker=session.worker)):
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(session.worker)
+            controller.start(session.worker)
+            await runner.run()
     except Exception:
         logger.exception(f"[{session_id}] call failed")
     finally:
