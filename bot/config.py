@@ -109,6 +109,7 @@ class LlamaCppConfig(_Section):
     model_path: Path | None = None
     n_ctx: int = Field(2048, ge=256)
     n_threads: int = Field(1, ge=1)
+    repeat_penalty: float = Field(1.1, ge=1.0)
 
 
 class OpenAIConfig(_Section):

@@ -100,6 +100,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
             system_prompt=config.llm.system_prompt,
             max_tokens=config.llm.max_tokens,
             temperature=config.llm.temperature,
+            repeat_penalty=config.llm.llama_cpp.repeat_penalty,
             # A preemptive reply's text goes on to the TTS, which holds its first audio.
             speculation_held_downstream=True,
         )

@@ -103,6 +103,7 @@ class LlamaCppLLMService(LocalLLMService):
         model_name: str = "smollm2-135m-instruct",
         max_tokens: int = 48,
         temperature: float = 0.2,
+        repeat_penalty: float = 1.1,
         **kwargs,
     ):
         """Initialize the service.
@@ -116,6 +117,9 @@ class LlamaCppLLMService(LocalLLMService):
             model_name: Reported in metrics.
             max_tokens: Soft reply cap; the reply then runs on to its sentence end.
             temperature: Sampling temperature.
+            repeat_penalty: llama.cpp's penalty on tokens of the last 64: greedy SmolLM2 says
+                "I'm so sorry for any inconvenience." nine times over without it (1.0). It acts
+                on each token as it is sampled, so no text is held back from the TTS.
             **kwargs: Passed to ``LocalLLMService``.
         """
         super().__init__(
@@ -128,6 +132,7 @@ class LlamaCppLLMService(LocalLLMService):
         self._llm = llm
         self._lock = lock
         self._budget = budget
+        self._repeat_penalty = repeat_penalty
         self._dropped = 0  # the oldest messages no longer sent (the window is full)
 
     def _fit(self, messages: list[dict]) -> list[dict]:
@@ -171,6 +176,7 @@ class LlamaCppLLMService(LocalLLMService):
                         messages=self._fit(messages),
                         max_tokens=self._max_tokens + _GRACE_TOKENS,
                         temperature=self._temperature,
+                        repeat_penalty=self._repeat_penalty,
                         stream=True,
                     )
                     for chunk in stream:

@@ -59,6 +59,7 @@ class VoxtralRemoteSTTService(SegmentedSTTService):
         return True
 
     async def cleanup(self):
+        await self._cancel_segment_task()  # as in WhisperSTTService.cleanup
         await super().cleanup()
         await self._client.aclose()
 

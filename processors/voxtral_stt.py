@@ -93,6 +93,10 @@ class VoxtralSTTService(SegmentedSTTService):
     def wants_wav_segments(self) -> bool:
         return False
 
+    async def cleanup(self):
+        await self._cancel_segment_task()  # as in WhisperSTTService.cleanup
+        await super().cleanup()
+
     def can_generate_metrics(self) -> bool:
         return True
 

@@ -25,7 +25,6 @@ import time
 import httpx
 import jiwer
 import numpy as np
-import soxr
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 
