@@ -19,6 +19,7 @@ from tqdm import tqdm
 from bot import machine
 from bot.config import Config
 from bot.conversation import ConversationResult, build_bot, run_conversation
+from bot.memory import collect_finished_session
 from bot.models import Models
 from bot.scenarios import Scenario, Speaker, barge_in_stop_ms, build_cues
 from bot.tracing import percentile
@@ -36,6 +37,7 @@ class StackResult:
     unanswered: int = 0  # turns the user finished whose reply never sounded
     rounds: int = 0
     rss_after_first_round_mb: float | None = None
+    rss_by_round_mb: list[float] = field(default_factory=list)  # a soak's: a plateau, or a leak
     # The process's CPU time (every thread: ONNX, llama.cpp) over the wall time of the run.
     cpu_s: float = 0.0
     wall_s: float = 0.0
@@ -160,8 +162,12 @@ async def _run_stack(
             )
             for result in results:
                 stack.add(result, scenario=scenario, sample_rate=config.audio.in_sample_rate)
+            del results, result
+            collect_finished_session(scenario.name)  # as the server does when a session ends
             progress.update(1)
         stack.rounds += 1
+        if minutes:
+            stack.rss_by_round_mb.append(rss_now_mb())
     stack.cpu_s, stack.wall_s = time.process_time() - cpu_start, time.monotonic() - wall_start
     return stack
 
@@ -203,6 +209,7 @@ async def run_bench(
                 "rss_after_first_round_mb": ours.rss_after_first_round_mb,
                 "rss_end_mb": end,
                 "rss_growth": round(end / ours.rss_after_first_round_mb - 1, 3),
+                "rss_by_round_mb": ours.rss_by_round_mb,
             }
         if baseline == "stock":
             from bot.stock import llama_server, stock_builder

@@ -1,10 +1,11 @@
-"""`voxbot serve | talk | prepare | bench | trace`."""
+"""`voxbot serve | talk | chat | prepare | bench | trace`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,17 @@ def _config(path: Path | None, *, log_level: str = "INFO") -> Config:
         raise typer.Exit(2)
 
 
-def _load_models(config: Config):
-    from bot.models import load_models
+def _load_models(config: Config, *, responder_only: bool = False):
+    from bot.memory import freeze_loaded_models
+    from bot.models import load_models, load_responder_models
 
     try:
-        return load_models(config)
+        models = load_responder_models(config) if responder_only else load_models(config)
     except MissingModelError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(3)
+    freeze_loaded_models()
+    return models
 
 
 def read_wav(path: Path, *, sample_rate: int) -> np.ndarray:
@@ -108,6 +112,64 @@ def talk(
     else:
         for i, t in enumerate(summary["turns"]):
             typer.echo(f"turn {i}: {t['voice_to_voice_ms']} ms\n  user: {t['user_text']}\n  bot:  {t['bot_text']}")
+
+
+@app.command()
+def chat(
+    lines: list[str] = typer.Argument(None, help="Say these in order, then exit; without them, read lines from stdin"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per reply"),
+    config_path: Path | None = ConfigOption,
+):
+    """Talk to the bot's brain in text: the same responder, prompt and context as a call."""
+    from bot.chat import ChatSession
+
+    config = _config(config_path, log_level="WARNING")
+    models = _load_models(config, responder_only=True)
+    interactive = not lines and sys.stdin.isatty()
+
+    async def converse() -> None:
+        typed: asyncio.Queue[str | None] = asyncio.Queue()
+        for line in lines or []:
+            typed.put_nowait(line)
+        if lines:
+            typed.put_nowait(None)
+        else:
+            _read_lines(sys.stdin, into=typed)
+        async with ChatSession(config=config, models=models) as session:
+            while True:
+                if interactive:
+                    typer.echo("you> ", nl=False)
+                if (line := await typed.get()) is None:
+                    break
+                if not line.strip():
+                    continue
+                reply = await session.ask(line.strip())
+                if as_json:
+                    typer.echo(json.dumps(reply.as_dict()))
+                else:
+                    typer.echo(f"bot> {reply.reply}  [{reply.first_token_ms} ms to the first token]")
+
+    if interactive:
+        typer.echo(f"voxbot chat: the {config.llm.engine} responder with the configured prompt; Ctrl-D to leave")
+    try:
+        asyncio.run(converse())
+    except KeyboardInterrupt:
+        pass
+
+
+def _read_lines(stream, *, into: asyncio.Queue) -> None:
+    """Feed ``stream``'s lines to ``into`` from a daemon thread, then None at its end.
+
+    A blocking read stays off the event loop, and Ctrl-C does not wait for the next line.
+    """
+    loop = asyncio.get_running_loop()
+
+    def read() -> None:
+        for line in stream:
+            loop.call_soon_threadsafe(into.put_nowait, line)
+        loop.call_soon_threadsafe(into.put_nowait, None)
+
+    threading.Thread(target=read, name="chat-stdin", daemon=True).start()
 
 
 @app.command()

@@ -117,6 +117,7 @@ class OpenAIConfig(_Section):
     model: str = "llama3.2"
     api_key: str = "EMPTY"
     timeout_s: float = Field(10.0, gt=0)
+    context_window: int = Field(4096, ge=256)
 
 
 class LLMConfig(_Section):

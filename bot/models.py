@@ -212,6 +212,20 @@ def load_models(config: Config) -> Models:
     return models
 
 
+def load_responder_models(config: Config) -> Models:
+    """Only what the responder needs: `voxbot chat` answers in seconds, with no ears or voice.
+
+    Raises:
+        assets.MissingModelError: the model's weights are absent; the message names the fix.
+    """
+    models = Models(stt_engine="none", stt_reason="text chat: no speech recognition")
+    if config.llm.engine == "llama_cpp":
+        models.llm = _timed("llama_cpp", models.load_seconds, lambda: load_llama(config))
+    if config.llm.engine == "voxtral":
+        models.voxtral = _timed("voxtral", models.load_seconds, lambda: load_voxtral(config))
+    return models
+
+
 def warm_up(models: Models, config: Config) -> None:
     """Run each model once so the first user does not pay for lazy initialization."""
     if models.whisper is not None:

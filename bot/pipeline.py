@@ -2,6 +2,10 @@
 
     transport.input() -> stt -> user aggregator (VAD, turns, barge-in)
       -> reply floor -> responder -> tts -> transport.output() -> assistant aggregator
+
+and `voxbot chat`'s, the same brain without ears or voice:
+
+    typed line -> user aggregator -> responder -> reply collector -> assistant aggregator
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
+    LLMAssistantAggregator,
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
@@ -47,6 +52,7 @@ class BotSession:
 
     worker: PipelineWorker
     context: LLMContext
+    assistant: LLMAssistantAggregator
 
 
 def build_stt(config: Config, models: Models, *, bot_voice: BotVoice) -> FrameProcessor:
@@ -111,6 +117,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
             base_url=config.llm.openai.base_url,
             api_key=config.llm.openai.api_key,
             timeout_s=config.llm.openai.timeout_s,
+            context_window=config.llm.openai.context_window,
             settings=RemoteLLMService.Settings(
                 model=config.llm.openai.model,
                 system_instruction=config.llm.system_prompt,
@@ -249,5 +256,23 @@ def build_pipeline(
         enable_rtvi=False,
         idle_timeout_secs=config.server.session_timeout_s,
     )
-    return BotSession(worker=worker, context=context)
+    return BotSession(worker=worker, context=context, assistant=assistant)
+
+
+def build_chat(*, config: Config, models: Models, collector: FrameProcessor) -> BotSession:
+    """A text conversation through the voice bot's responder and context handling.
+
+    Args:
+        collector: Sees each reply's frames before the assistant aggregator keeps its text.
+    """
+    context = LLMContext()
+    user, assistant = LLMContextAggregatorPair(context)
+    pipeline = Pipeline([user, build_responder(config, models), collector, assistant])
+    worker = PipelineWorker(
+        pipeline,
+        params=PipelineParams(enable_metrics=True),
+        enable_rtvi=False,
+        cancel_on_idle_timeout=False,
+    )
+    return BotSession(worker=worker, context=context, assistant=assistant)
 

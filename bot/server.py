@@ -24,6 +24,7 @@ from bot.access import AccessGuard, check_exposure
 from bot.admission import Admission
 from bot.backends import remote_backends, unreachable
 from bot.config import Config
+from bot.memory import collect_finished_session, freeze_loaded_models
 from bot.models import Models, load_models
 from bot.pipeline import build_pipeline, import_session_modules
 from bot.tracing import LatencyTracer, TurnTrace, percentile
@@ -184,6 +185,7 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
         try:
             state.models = models or await asyncio.to_thread(load_models, config)
             await asyncio.to_thread(import_session_modules)
+            freeze_loaded_models()
             state.ready_after = time.monotonic() - state.started
             logger.info(f"Ready in {state.ready_after:.1f} s")
         except Exception as e:
@@ -335,6 +337,8 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
         state.active_sessions -= 1
         state.metrics.sessions.dec()
         logger.info(f"[{session_id}] session ended ({state.active_sessions} active)")
+        # Once this handler has returned, its pipeline is unreachable: collected then.
+        asyncio.get_running_loop().call_soon(collect_finished_session, session_id)
 
 
 def create_server(config: Config, *, host: str, port: int, models: Models | None = None) -> uvicorn.Server:

@@ -107,6 +107,6 @@ def stock_builder(llm_base_url: str):
             observers=observers,
             enable_rtvi=False,
         )
-        return BotSession(worker=worker, context=context)
+        return BotSession(worker=worker, context=context, assistant=assistant)
 
     return build

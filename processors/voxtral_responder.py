@@ -111,13 +111,39 @@ class VoxtralLLMService(LocalLLMService):
         self._model = model
 
     async def _messages(self, context: LLMContext) -> list[dict]:
-        return fold_system_prompt(await self._openai_messages(context))
+        return await self._openai_messages(context)
+
+    def _inputs(self, messages: list[dict]):
+        """The prompt's tensors, the oldest exchanges left out until it fits the model's window.
+
+        Counted by the chat template itself (mistral-common's tokenizer), so audio chunks and
+        the folded system prompt count as what they are; a fitting prompt is tokenized once.
+        """
+        processor = self._model.processor
+        window = self._model.model.config.text_config.max_position_embeddings
+        budget = window - (self._max_tokens + _GRACE_TOKENS)
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        first = head
+        while True:
+            kept = messages[:head] + messages[first:]
+            inputs = processor.apply_chat_template(
+                fold_system_prompt(kept), tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            if inputs["input_ids"].shape[1] <= budget or len(messages) - first <= 1:
+                break
+            # Whole exchanges go, so the kept turns still open on the user's.
+            first += 1
+            while len(messages) - first > 1 and messages[first]["role"] != "user":
+                first += 1
+        if first > head:
+            logger.debug(f"{self}: the oldest {first - head} messages left out to fit {budget} tokens")
+        return inputs
 
     async def _respond(self, context: LLMContext):
         vox = self._model
-        inputs = vox.processor.apply_chat_template(
-            await self._messages(context), tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(vox.device, dtype=vox.dtype)
+        messages = await self._messages(context)
+        # Tokenizing a long conversation takes a while: off the event loop.
+        inputs = (await asyncio.to_thread(self._inputs, messages)).to(vox.device, dtype=vox.dtype)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()

@@ -33,13 +33,16 @@ class FakeOpenAI:
     """``POST /v1/chat/completions`` streamed as server-sent events, each request answered as scripted.
 
     ``answers`` is consumed in order: "ok", "error" (HTTP 500), "hang" (no byte in time),
-    "stall" (the first words, then nothing), "garbage" (a 200 stream of what is not JSON)
-    or "empty" (a stream with no text).
+    "stall" (the first words, then nothing), "garbage" (a 200 stream of what is not JSON),
+    "empty" (a stream with no text) or "overflow" (vLLM's HTTP 400 for a prompt over its
+    ``window``). With ``tokens_per_char`` a reply ends with the prompt's usage, as vLLM's does.
     """
 
-    def __init__(self, answers: list[str]):
+    def __init__(self, answers: list[str], *, window: int = 1024, tokens_per_char: float | None = None):
         self.answers = list(answers)
         self.requests: list[dict] = []
+        self.window = window
+        self.tokens_per_char = tokens_per_char
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
@@ -49,6 +52,12 @@ class FakeOpenAI:
         answer = self.answers.pop(0) if self.answers else "ok"
         if answer == "error":
             return web.json_response({"error": {"message": "CUDA out of memory"}}, status=500)
+        if answer == "overflow":
+            message = (
+                f"This model's maximum context length is {self.window} tokens. However, you requested"
+                f" {self.window + 1000} tokens in the messages. Please reduce the length of the messages."
+            )
+            return web.json_response({"object": "error", "message": message, "type": "BadRequestError", "code": 400}, status=400)
         if answer == "hang":
             await asyncio.sleep(30)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -60,6 +69,10 @@ class FakeOpenAI:
                 await response.write(f"data: {json.dumps(_chunk(text))}\n\n".encode())
                 if answer == "stall":
                     await asyncio.sleep(30)
+            if self.tokens_per_char:
+                prompt = round(_chars(self.requests[-1]["messages"]) * self.tokens_per_char)
+                usage = {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3}
+                await response.write(f"data: {json.dumps({**_chunk(''), 'choices': [], 'usage': usage})}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -74,6 +87,10 @@ def _chunk(text: str) -> dict:
     }
 
 
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
 def serve(server: FakeOpenAI):
     """Run ``server`` on a free loopback port; yields its base URL."""
     return serve_routes([web.post("/v1/chat/completions", server.completions), web.get("/v1/models", server.models)])
@@ -85,9 +102,16 @@ def _closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-async def _ask(base_url: str):
-    llm = RemoteLLMService(base_url=base_url, api_key="sk-test", timeout_s=TIMEOUT_S, settings=RemoteLLMService.Settings(model="fake"))
-    context = LLMContext(messages=[{"role": "user", "content": SECOND}])
+def _service(base_url: str, **kwargs) -> RemoteLLMService:
+    return RemoteLLMService(
+        base_url=base_url, api_key="sk-test", timeout_s=TIMEOUT_S,
+        settings=RemoteLLMService.Settings(model="fake", max_tokens=100), **kwargs,
+    )  # fmt: skip
+
+
+async def _ask(base_url: str, *, llm: RemoteLLMService | None = None, context: LLMContext | None = None):
+    llm = llm or _service(base_url)
+    context = context or LLMContext(messages=[{"role": "user", "content": SECOND}])
     began = time.monotonic()
     down, up = await run_test(llm, frames_to_send=[LLMContextFrame(context)])
     text = "".join(f.text for f in down if isinstance(f, LLMTextFrame))
@@ -135,6 +159,67 @@ async def test_a_server_that_stalls_mid_reply_is_cut_short_within_the_timeout():
     assert text == ANSWER[0] + CUT_SHORT
     assert len(errors) == 1 and f"did not answer within {TIMEOUT_S} s" in errors[0], errors
     assert secs < TIMEOUT_S + 3
+
+
+def _long_conversation(exchanges: int) -> LLMContext:
+    """``exchanges`` questions and answers of 300 characters each (about 75 tokens), then a question."""
+    context = LLMContext()
+    for i in range(exchanges):
+        context.add_message({"role": "user", "content": f"Question {i}: " + "tell me more " * 23})
+        context.add_message({"role": "assistant", "content": f"Answer {i}: " + "here is more " * 23})
+    context.add_message({"role": "user", "content": SECOND})
+    return context
+
+
+def _assert_trimmed(request: dict, *, context: LLMContext, budget_tokens: int, tokens_per_char: float):
+    sent = request["messages"]
+    assert sent[-1]["content"] == SECOND  # the latest question is always sent
+    assert sent[0]["role"] == "user" and sent[0]["content"].startswith("Question")  # whole exchanges
+    assert len(sent) < len(context.messages)
+    assert _chars(sent) * tokens_per_char <= budget_tokens, _chars(sent)
+
+
+async def test_a_long_conversation_is_trimmed_to_the_servers_window():
+    server = FakeOpenAI(["ok"])
+    context = _long_conversation(40)  # ~6000 tokens
+    async with serve(server) as url:
+        text, notices, errors, _ = await _ask(url, llm=_service(url, context_window=1024), context=context)
+    assert text == "".join(ANSWER) and not notices and not errors
+    _assert_trimmed(server.requests[0], context=context, budget_tokens=1024 - 100, tokens_per_char=1 / 3)
+
+
+async def test_a_prompt_the_server_refuses_as_too_long_is_trimmed_to_its_stated_window_and_retried_once():
+    """The window configured (8192) is larger than the server's (1024): its HTTP 400 says so."""
+    server = FakeOpenAI(["overflow", "ok"], window=1024)
+    context = _long_conversation(30)
+    async with serve(server) as url:
+        text, notices, errors, _ = await _ask(url, llm=_service(url, context_window=8192), context=context)
+    assert text == "".join(ANSWER) and not notices and not errors
+    assert len(server.requests) == 2
+    assert len(server.requests[0]["messages"]) == len(context.messages)  # ~6700 tokens fit 8192
+    _assert_trimmed(server.requests[1], context=context, budget_tokens=1024 - 100, tokens_per_char=1 / 3)
+
+
+async def test_a_server_that_refuses_the_trimmed_prompt_too_costs_one_apology():
+    server = FakeOpenAI(["overflow", "overflow", "ok"], window=1024)
+    async with serve(server) as url:
+        text, notices, errors, _ = await _ask(url, llm=_service(url, context_window=8192), context=_long_conversation(40))
+    assert len(server.requests) == 2  # retried once, not until the user gives up
+    assert text == APOLOGY
+    assert len(errors) == 1 and "answered HTTP 400" in errors[0], errors
+
+
+async def test_the_servers_own_count_of_the_prompt_calibrates_the_trimming():
+    """A tokenizer three times denser than the first guess: after one reply reports its usage,
+    the next prompt is cut to what that tokenizer fits, before the server has to refuse it."""
+    server = FakeOpenAI(["ok", "ok"], tokens_per_char=1.0)
+    async with serve(server) as url:
+        llm = _service(url, context_window=2048)
+        await _ask(url, llm=llm, context=_long_conversation(1))
+        context = _long_conversation(12)  # ~3900 chars: fits 2048 tokens at a third, not at one per char
+        text, notices, errors, _ = await _ask(url, llm=llm, context=context)
+    assert text == "".join(ANSWER) and not notices and not errors
+    _assert_trimmed(server.requests[1], context=context, budget_tokens=2048 - 100, tokens_per_char=1.0)
 
 
 async def test_in_a_conversation_the_failed_turn_is_an_apology_and_the_next_is_answered(base_config, models, speaker):

@@ -259,27 +259,26 @@ def test_the_window_keeps_the_system_prompt_and_the_latest_turns_whole():
 
 async def test_a_conversation_longer_than_the_window_is_answered_to_the_last_turn(base_config):
     """120 turns through the real SmolLM2 with a 512-token window (2048 by default: the same,
-    four times slower): every turn answered, every prompt the model's template makes fits."""
+    four times slower), typed through the bot's context aggregators and responder (`voxbot
+    chat`'s pipeline): every turn answered, every prompt the model's template makes fits."""
     from llama_cpp import Llama
 
     from bot import assets
+    from bot.chat import ChatSession
+    from bot.models import Models
 
     n_ctx, max_tokens = 512, 24
     spy = PromptSpy(Llama(model_path=str(assets.llm_gguf_path(None)), n_ctx=n_ctx, n_threads=2, verbose=False))
-    service = LlamaCppLLMService(
-        llm=spy, lock=threading.Lock(),
-        system_prompt=base_config.llm.system_prompt, max_tokens=max_tokens, temperature=0.0,
-    )  # fmt: skip
-    context = LLMContext()
+    config = base_config.model_copy(deep=True)
+    config.llm.max_tokens, config.llm.temperature = max_tokens, 0.0
+    models = Models(stt_engine="none", stt_reason="text only", llm=spy)
     topics = ["France", "the moon", "cats", "tea", "rain", "music", "Rome", "bread", "snow", "trains"]
-    for turn in range(120):
-        context.add_message({"role": "user", "content": f"Tell me one thing about {topics[turn % len(topics)]}, please."})
-        down, up = await run_test(service, frames_to_send=[LLMContextFrame(context=context)])
-        errors = [f.error for f in [*down, *up] if isinstance(f, ErrorFrame)]
-        assert not errors, (turn, errors)
-        reply = "".join(f.text for f in down if isinstance(f, LLMTextFrame))
-        assert reply.strip(), turn
-        context.add_message({"role": "assistant", "content": reply})
+    async with ChatSession(config=config, models=models) as session:
+        for turn in range(120):
+            reply = await session.ask(f"Tell me one thing about {topics[turn % len(topics)]}, please.")
+            assert reply.fault is None and reply.reply.strip(), (turn, reply)
+            assert reply.context_messages == 2 * (turn + 1)  # the window trims what is sent, not what is kept
+        context = session.context
 
     assert len(spy.requests) == 120
     for messages, tokens in spy.requests:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 import httpx
 import numpy as np
 import pytest
+from pipecat.pipeline.worker import PipelineWorker
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -260,12 +262,14 @@ async def test_talking_over_the_bot_pauses_the_page_then_flushes_or_resumes_it(h
         assert "interrupt" not in after_pause, kinds
 
 
-def _resources(state) -> tuple[int, int, int]:
-    """Threads, open file descriptors, and the server loop's session tasks, now."""
-    return threading.active_count(), len(os.listdir("/proc/self/fd")), len(session_tasks(state))
+def _resources(state) -> tuple[int, int, int, int]:
+    """Threads, open file descriptors, the server loop's session tasks, and the pipelines
+    Python still tracks (reachable or garbage not yet collected, with all they hold), now."""
+    pipelines = sum(1 for o in gc.get_objects() if issubclass(type(o), PipelineWorker))
+    return threading.active_count(), len(os.listdir("/proc/self/fd")), len(session_tasks(state)), pipelines
 
 
-async def test_fifty_sessions_opened_and_closed_leave_no_task_thread_or_file_behind(base_config, models):
+async def test_fifty_sessions_opened_and_closed_leave_no_task_thread_file_or_memory_behind(base_config, models):
     async def one():
         async with session(host) as client:
             await client.stream(silence(0.1, sample_rate=RATE))
@@ -282,9 +286,10 @@ async def test_fifty_sessions_opened_and_closed_leave_no_task_thread_or_file_beh
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.2)  # a closed session's last tasks finish on their own
-        threads, fds, tasks = _resources(state)
-        assert all(now <= before for now, before in zip((threads, fds, tasks), baseline)), (
-            f"after 50 sessions: {threads} threads, {fds} fds, {tasks} session tasks; before: {baseline};"
+        threads, fds, tasks, pipelines = _resources(state)
+        assert all(now <= before for now, before in zip((threads, fds, tasks, pipelines), baseline)), (
+            f"after 50 sessions: {threads} threads, {fds} fds, {tasks} session tasks, {pipelines} pipelines;"
+            f" before: {baseline};"
             f" tasks left: {session_tasks(state)}"
         )
 

@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="needs the voxtral extra")
 import torch
 
 from pipecat.frames.frames import (
+    ErrorFrame,
     InterruptionFrame,
     LLMContextFrame,
     LLMTextFrame,
@@ -138,6 +139,44 @@ async def test_interruption_stops_generation(base_config, tiny_voxtral):
     assert streamed and len(streamed) < max_tokens // 2, len(streamed)
     assert elapsed < 3.0, elapsed
     assert not model.lock.locked()  # the generating thread has finished
+
+
+class PromptLengths:
+    """The real tiny model; each prompt it is asked to continue is measured (a spy, not a fake)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.lengths: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, **kwargs):
+        self.lengths.append(kwargs["input_ids"].shape[1])
+        return self._model.generate(**kwargs)
+
+
+async def test_a_conversation_longer_than_voxtrals_window_is_still_answered(base_config, tiny_voxtral):
+    """60 exchanges (~10,000 tokens) on a model with a 2048-token window: the oldest are left
+    out, counted by Voxtral's own chat template, and the latest question is answered."""
+    model = load_voxtral(voxtral_config(base_config, tiny_voxtral))
+    spy = PromptLengths(model.model)
+    model.model = spy
+    max_tokens = 8
+    llm = VoxtralLLMService(model=model, system_prompt="Be brief.", max_tokens=max_tokens, temperature=0.0)
+    context = LLMContext()
+    for i in range(60):
+        context.add_message({"role": "user", "content": f"Question {i}: " + "tell me more about it " * 15})
+        context.add_message({"role": "assistant", "content": f"Answer {i}: " + "here is more about it " * 15})
+    context.add_message({"role": "user", "content": QUESTION})
+
+    down, up = await run_test(llm, frames_to_send=[LLMContextFrame(context=context)])
+
+    assert not [f for f in [*down, *up] if isinstance(f, ErrorFrame)]
+    assert "".join(f.text for f in down if isinstance(f, LLMTextFrame)).strip()
+    (length,) = spy.lengths
+    window = model.model.config.text_config.max_position_embeddings
+    assert window // 2 < length <= window - (max_tokens + 24), length  # trimmed, not emptied
 
 
 def test_default_install_needs_no_torch():
