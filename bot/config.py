@@ -110,6 +110,13 @@ class LlamaCppConfig(_Section):
     n_ctx: int = Field(2048, ge=256)
     n_threads: int = Field(1, ge=1)
     repeat_penalty: float = Field(1.1, ge=1.0)
+    # Exchanges shown to the model before every conversation (processors/responder.py).
+    examples: list[tuple[str, str]] = [
+        ("What is the capital of Italy?", "The capital of Italy is Rome."),
+        ("What's four plus four?", "Four plus four is eight."),
+        ("What should I wear today?", "Check the weather first; a light jacket is a safe choice."),
+        ("Tell me something fun.", "Why did the scarecrow win an award? Because he was outstanding in his field."),
+    ]
 
 
 class OpenAIConfig(_Section):

@@ -107,6 +107,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
             max_tokens=config.llm.max_tokens,
             temperature=config.llm.temperature,
             repeat_penalty=config.llm.llama_cpp.repeat_penalty,
+            examples=config.llm.llama_cpp.examples,
             # A preemptive reply's text goes on to the TTS, which holds its first audio.
             speculation_held_downstream=True,
         )
@@ -266,7 +267,15 @@ def build_chat(*, config: Config, models: Models, collector: FrameProcessor) -> 
         collector: Sees each reply's frames before the assistant aggregator keeps its text.
     """
     context = LLMContext()
-    user, assistant = LLMContextAggregatorPair(context)
+    # Typed lines arrive as whole messages: no VAD, no turn model to load.
+    user, assistant = LLMContextAggregatorPair(
+        context,
+        user_params=LLMUserAggregatorParams(
+            user_turn_strategies=UserTurnStrategies(
+                start=[VADUserTurnStartStrategy()], stop=[SpeechTimeoutUserTurnStopStrategy()]
+            )
+        ),
+    )
     pipeline = Pipeline([user, build_responder(config, models), collector, assistant])
     worker = PipelineWorker(
         pipeline,

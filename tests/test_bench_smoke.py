@@ -55,3 +55,28 @@ def test_a_soak_goes_round_the_scenarios_until_its_minutes_are_up(tmp_path):
     soak = summary["soak"]
     assert soak["minutes"] == 0.3 and soak["rss_end_mb"] > 0
     assert soak["rss_growth"] == round(soak["rss_end_mb"] / soak["rss_after_first_round_mb"] - 1, 3)
+
+
+def _turn(user_speech: tuple[float, float], *, answered_at: float | None):
+    from bot.conversation import TurnResult
+    from bot.tracing import TurnTrace
+
+    trace = TurnTrace(
+        session_id="s", turn=0, user_speech_start_ms=user_speech[0], user_speech_end_ms=user_speech[1],
+        first_audio_out_ms=answered_at,
+    )  # fmt: skip
+    return TurnResult(
+        user_text="a question", bot_text="", voice_to_voice_ms=None, trace_voice_to_voice_ms=None,
+        interrupted=False, trace=trace,
+    )  # fmt: skip
+
+
+def test_a_question_left_in_silence_is_unanswered_and_one_asked_again_at_once_is_merged():
+    from bot.bench import unanswered
+
+    # Asked again 0.45 s later (two_quick_turns): one reply answers both.
+    assert unanswered([_turn((500, 2100), answered_at=None), _turn((2550, 4000), answered_at=5000)]) == 0
+    # Waited 3 s in silence, then asked something else: the first went unanswered.
+    assert unanswered([_turn((500, 2100), answered_at=None), _turn((5100, 6000), answered_at=7000)]) == 1
+    # The last question, never answered.
+    assert unanswered([_turn((500, 2100), answered_at=3000), _turn((5100, 6000), answered_at=None)]) == 1

@@ -122,18 +122,28 @@ def _sentences(text: str) -> list[str]:
 
 
 async def test_the_default_reply_never_says_a_sentence_twice(base_config, models):
-    """Greedy SmolLM2 loops on this question without llama.cpp's repeat penalty; with the
-    default it does not, and nothing is held back to check it."""
+    """Greedy SmolLM2 loops on this question without llama.cpp's repeat penalty; the repeat
+    guard cuts such a loop at its first repeat, and with the default penalty there is none."""
     question = "What should I cook for dinner tonight?"
-    looping = LlamaCppLLMService(
+
+    def raw() -> str:
+        with models.llm_lock:
+            return models.llm.create_chat_completion(
+                messages=[{"role": "system", "content": base_config.llm.system_prompt}, {"role": "user", "content": question}],
+                max_tokens=72, temperature=0.0, repeat_penalty=1.0,
+            )["choices"][0]["message"]["content"]  # fmt: skip
+
+    looped = await asyncio.to_thread(raw)
+    guarded_service = LlamaCppLLMService(
         llm=models.llm, lock=models.llm_lock, system_prompt=base_config.llm.system_prompt,
         max_tokens=48, temperature=0.0, repeat_penalty=1.0,
     )  # fmt: skip
-    looped, _ = await _reply(looping, question)
+    guarded, _ = await _reply(guarded_service, question)
     said, _ = await _reply(_service(models, system_prompt=base_config.llm.system_prompt, max_tokens=48), question)
 
     assert len(set(_sentences(looped))) < len(_sentences(looped)), looped  # the model does loop
-    assert said.strip() and len(set(_sentences(said))) == len(_sentences(said)), said
+    for reply in (guarded, said):
+        assert reply.strip() and len(set(_sentences(reply))) == len(_sentences(reply)), reply
 
 
 async def test_capped_reply_is_short_and_ends_at_a_real_sentence_boundary(base_config, models):
@@ -281,18 +291,59 @@ async def test_a_conversation_longer_than_the_window_is_answered_to_the_last_tur
         context = session.context
 
     assert len(spy.requests) == 120
+    examples = [text for pair in config.llm.llama_cpp.examples for text in pair]
+    head = 1 + len(examples)  # the system prompt and the example exchanges, always sent
     for messages, tokens in spy.requests:
         assert tokens + max_tokens + _GRACE_TOKENS <= n_ctx, tokens
-        assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+        assert messages[0]["role"] == "system" and [m["content"] for m in messages[1:head]] == examples
+        assert messages[head]["role"] == "user"
     last_messages, _ = spy.requests[-1]
     assert last_messages[-1] == context.messages[-2]  # the latest question is always sent
-    assert len(last_messages) < len(context.messages) - 1  # older turns were dropped
+    assert len(last_messages) - head < len(context.messages) - 1  # older turns were dropped
     # Half the window is cleared at a time: where the prompt's beginning changed, it fell to
     # half the budget, so the next turns reuse it (one exchange at a time: every turn changes).
     budget = n_ctx - (max_tokens + _GRACE_TOKENS)
-    beginnings = [messages[1]["content"] for messages, _ in spy.requests]
+    beginnings = [messages[head]["content"] for messages, _ in spy.requests]
     changed = [i + 1 for i, (a, b) in enumerate(zip(beginnings, beginnings[1:])) if a != b]
     assert changed, beginnings
     assert all(spy.requests[i][1] <= budget // 2 for i in changed), [spy.requests[i][1] for i in changed]
     assert all(b - a >= 3 for a, b in zip(changed, changed[1:])), changed
 
+
+
+class ScriptedLlama:
+    """A model that says ``tokens`` whatever it is asked, in llama.cpp's streaming chunk format
+    (what ``Llama.create_chat_completion(stream=True)`` yields), one every 20 ms as a model
+    writes them; counts what was taken from it."""
+
+    def __init__(self, tokens: list[str]):
+        self._tokens = tokens
+        self.taken = 0
+
+    def n_ctx(self) -> int:
+        return 2048
+
+    def tokenize(self, text: bytes, **kwargs) -> list[int]:
+        return list(range(len(text.split())))
+
+    def create_chat_completion(self, **kwargs):
+        for token in self._tokens:
+            time.sleep(0.02)
+            self.taken += 1
+            yield {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "scripted",
+                   "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}  # fmt: skip
+
+
+async def test_a_model_that_loops_through_the_penalty_is_stopped_before_its_first_repeat():
+    looping = ["Sure", ".", " I", "'m", " so", " sorry", ".", " Try", " pasta", ".", *[" I", "'m", " so", " sorry", "."] * 6]
+    llm = ScriptedLlama(looping)
+    service = LlamaCppLLMService(llm=llm, lock=threading.Lock(), system_prompt="Be brief.", max_tokens=200, temperature=0.0)
+
+    text, down = await _reply(service, "What should I cook for dinner tonight?")
+
+    assert text == "Sure. I'm so sorry. Try pasta.", text
+    # Generation stopped at the repeat's first token (the 21st), not only the speech.
+    assert llm.taken <= 21 + 5, llm.taken  # a few more while the event loop reacts
+    # The first sentence streamed token by token; the later ones went whole.
+    pushed = [f.text for f in down if isinstance(f, LLMTextFrame)]
+    assert pushed[:2] == ["Sure", "."] and " I'm so sorry." in pushed, pushed
