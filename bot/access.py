@@ -75,7 +75,7 @@ class AccessGuard:
         address = websocket.client.host if websocket.client else "unknown"
         if self._limited(address):
             self._failures.labels(reason="rate_limited").inc()
-            await self._refuse(websocket, "too many bad tokens from this address; retry in a minute")
+            await refuse(websocket, code=UNAUTHORIZED, message="too many bad tokens from this address; retry in a minute")
             return False
         presented = self.bearer(websocket.headers.get("authorization")) or await self._first_message_token(websocket)
         if self.authorized(presented):
@@ -83,7 +83,7 @@ class AccessGuard:
         self._recent.setdefault(address, deque()).append(time.monotonic())
         self._failures.labels(reason="missing" if presented is None else "wrong").inc()
         logger.warning(f"/ws: {'no' if presented is None else 'a wrong'} token from {address}")
-        await self._refuse(websocket, "unauthorized: a missing or wrong token")
+        await refuse(websocket, code=UNAUTHORIZED, message="unauthorized: a missing or wrong token")
         return False
 
     def _limited(self, address: str) -> bool:
@@ -106,10 +106,12 @@ class AccessGuard:
             return message["token"]
         return None
 
-    @staticmethod
-    async def _refuse(websocket: WebSocket, reason: str) -> None:
-        try:
-            await websocket.send_json({"type": "error", "message": reason})
-            await websocket.close(code=UNAUTHORIZED, reason=reason[:120])
-        except (RuntimeError, OSError, WebSocketDisconnect):
-            pass  # the client is already gone
+
+async def refuse(websocket: WebSocket, *, code: int, message: str) -> None:
+    """Say why in an error message (what the page shows) and in the close frame (what any
+    WebSocket client sees), then close."""
+    try:
+        await websocket.send_json({"type": "error", "message": message})
+        await websocket.close(code=code, reason=message[:120])  # a close reason holds 123 bytes
+    except (RuntimeError, OSError, WebSocketDisconnect):
+        pass  # the client is already gone

@@ -148,6 +148,8 @@ def chat(
                     typer.echo(json.dumps(reply.as_dict()))
                 else:
                     typer.echo(f"bot> {reply.reply}  [{reply.first_token_ms} ms to the first token]")
+        if interactive:
+            typer.echo()  # past the last prompt
 
     if interactive:
         typer.echo(f"voxbot chat: the {config.llm.engine} responder with the configured prompt; Ctrl-D to leave")

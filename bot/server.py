@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from bot.access import AccessGuard, check_exposure
+from bot.access import AccessGuard, check_exposure, refuse
 from bot.admission import Admission
 from bot.backends import remote_backends, unreachable
 from bot.config import Config
@@ -254,21 +254,17 @@ def create_app(config: Config, *, models: Models | None = None) -> FastAPI:
         if not await state.access.admit(websocket):
             return
         if state.load_error:
-            await websocket.send_json({"type": "error", "message": f"models failed to load: {state.load_error}"})
-            await websocket.close(code=1011)
+            await refuse(websocket, code=1011, message=f"models failed to load: {state.load_error}")
             return
         if state.models is None:
-            await websocket.send_json({"type": "error", "message": "models are still loading; retry when /ready"})
-            await websocket.close(code=1013)
+            await refuse(websocket, code=1013, message="models are still loading; retry when /ready")
             return
         if state.draining:
-            await websocket.send_json({"type": "error", "message": SHUTTING_DOWN})
-            await websocket.close(code=1001)
+            await refuse(websocket, code=1001, message=SHUTTING_DOWN)
             return
         if refusal := state.refusal():
             state.metrics.rejected.inc()
-            await websocket.send_json({"type": "error", "message": refusal})
-            await websocket.close(code=1013)
+            await refuse(websocket, code=1013, message=refusal)
             return
         await run_session(websocket, state)
 
@@ -289,8 +285,7 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
             allowed_origins=config.server.allowed_origins,
         )
     except ValueError as e:  # an origin not in server.allowed_origins
-        await websocket.send_json({"type": "error", "message": str(e)})
-        await websocket.close(code=1008)
+        await refuse(websocket, code=1008, message=str(e))
         return
     tracer = LatencyTracer(
         session_id=session_id,
@@ -308,14 +303,16 @@ async def run_session(websocket: WebSocket, state: BotState) -> None:
 
     @transport.event_handler("on_client_connected")
     async def on_connected(transport, client):
-        await websocket.send_json(
-            {
-                "type": "ready",
-                "session_id": session_id,
-                "sample_rate_in": config.audio.in_sample_rate,
-                "sample_rate_out": config.audio.out_sample_rate,
-            }
-        )
+        ready = {
+            "type": "ready",
+            "session_id": session_id,
+            "sample_rate_in": config.audio.in_sample_rate,
+            "sample_rate_out": config.audio.out_sample_rate,
+        }
+        try:
+            await websocket.send_json(ready)
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            pass  # gone while its pipeline started: the disconnect ends the session
 
     end_with_the_socket(transport, session.worker, closed="client disconnected", timed_out="session timeout")
 

@@ -66,7 +66,7 @@ class RemoteLLMService(OpenAILLMService):
         # The server's tokenizer is not here: its count of each prompt (the reply's usage)
         # calibrates ours, which counts characters until it first reports one.
         self._tokens_per_char = _TOKENS_PER_CHAR
-        self._sent_chars = 0  # of the prompt in flight
+        self._sent = (0, 0)  # the prompt in flight: characters, messages
         self._dropped = 0  # the oldest messages no longer sent
 
     def _count(self, text: str) -> int:
@@ -82,15 +82,14 @@ class RemoteLLMService(OpenAILLMService):
             self._dropped = dropped
         head = 1 if messages and messages[0]["role"] == "system" else 0
         kept = messages[:head] + messages[head + dropped :]
-        self._sent_chars = sum(len(str(m.get("content") or "")) for m in kept)
+        self._sent = (sum(len(str(m.get("content") or "")) for m in kept), len(kept))
         return kept
 
     def _token_usage(self, usage: CompletionUsage):
-        # The prompt's true size: the chat template's overhead per message set aside.
-        if usage.prompt_tokens and self._sent_chars:
-            self._tokens_per_char = max(
-                usage.prompt_tokens - MESSAGE_OVERHEAD_TOKENS, 1
-            ) / self._sent_chars
+        # The prompt's true size, the chat template's overhead on each message set aside.
+        chars, messages = self._sent
+        if usage.prompt_tokens and chars:
+            self._tokens_per_char = max(usage.prompt_tokens - MESSAGE_OVERHEAD_TOKENS * messages, 1) / chars
         return super()._token_usage(usage)
 
     async def get_chat_completions(self, context: LLMContext) -> AsyncStream[ChatCompletionChunk]:

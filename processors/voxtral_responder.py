@@ -110,9 +110,6 @@ class VoxtralLLMService(LocalLLMService):
         )
         self._model = model
 
-    async def _messages(self, context: LLMContext) -> list[dict]:
-        return await self._openai_messages(context)
-
     def _inputs(self, messages: list[dict]):
         """The prompt's tensors, the oldest exchanges left out until it fits the model's window.
 
@@ -141,7 +138,7 @@ class VoxtralLLMService(LocalLLMService):
 
     async def _respond(self, context: LLMContext):
         vox = self._model
-        messages = await self._messages(context)
+        messages = await self._openai_messages(context)
         # Tokenizing a long conversation takes a while: off the event loop.
         inputs = (await asyncio.to_thread(self._inputs, messages)).to(vox.device, dtype=vox.dtype)
         loop = asyncio.get_running_loop()

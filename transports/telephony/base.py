@@ -552,20 +552,20 @@ async def open_media_socket(
     ticket = tokens.consume(token, carrier)
     if ticket is None:
         logger.warning(f"{carrier}: media socket refused: unknown, used or expired stream token")
-        await websocket.close(code=1008)
+        await websocket.close(code=1008, reason="unknown, used or expired stream token")
         return None
     await websocket.accept()
     if state.models is None:
-        await websocket.close(code=1013)
+        await websocket.close(code=1013, reason="models are still loading")
         return None
     start = await _read_start(websocket)
     if start is None:
-        await websocket.close(code=1008)
+        await websocket.close(code=1008, reason="no start message")
         return None
     named = (start.get("start") or {}).get(call_id_field)
     if named != ticket.call_id and (named is not None or call_id_required):
         logger.warning(f"{carrier}: media socket refused: its {call_id_field} is not the token's call")
-        await websocket.close(code=1008)
+        await websocket.close(code=1008, reason=f"{call_id_field} is not the token's call")
         return None
     return ticket, start
 
