@@ -82,7 +82,7 @@ _FRAMES_PER_CHAR = 2.5
 # Seconds the front takes for a sentence, before one measures it; and how fast measurements move it.
 _FRONT_SECS = 0.05
 _SMOOTHING = 0.3
-# Held audio is released when no text has come for this long: the text is the bottleneck.
+# Held audio waits for more text at least this long (longer on a slow CPU: _starved_after).
 _TEXT_STARVED_SECS = 0.3
 
 # How often a model call in progress checks whether its reply was interrupted.
@@ -411,7 +411,7 @@ class KokoroTTSService(TTSService):
         while not self._jobs:
             self._idle.set()
             self._jobs_changed.clear()
-            starved = time.monotonic() - idle_since >= _TEXT_STARVED_SECS
+            starved = time.monotonic() - idle_since >= self._starved_after()
             self._keep_alive()
             for reply in list(self._replies.values()):
                 if reply.held and starved and not self._is_speculative(reply):
@@ -421,6 +421,16 @@ class KokoroTTSService(TTSService):
             except TimeoutError:
                 pass
         return self._jobs.popleft()
+
+    def _starved_after(self) -> float:
+        """How long held audio waits for text before playing: as long as that text's speech takes to make.
+
+        Text later than that is the bottleneck, and holding audio for it only adds silence.
+        A language model catching up after yielding the cores to the reply's first chunk is
+        not: measured on a 2-core Xeon with synthesis 2.5x slowed, its next clause came 0.38 s
+        after that chunk, and a 0.3 s wait started the reply on 1.2 s of audio, then a hole.
+        """
+        return max(_TEXT_STARVED_SECS, self._speed_model.predict(_UNSEEN_SPEECH_FRAMES))
 
     def _keep_alive(self) -> None:
         """Tell pipecat every context still to be spoken is in use, the queued ones too.

@@ -28,6 +28,8 @@ from tests.test_server import TIMEOUT, normalize, session
 from transports.websocket import SUPPORTED_INPUT_RATES
 
 MAX_BYTES = 64_000  # server.max_message_bytes in the test config
+# The server's WebSocket drops a frame past this (bot/server.py: ws_max_size) with 1009.
+WS_MAX_SIZE = 2 * MAX_BYTES
 # Closes a fuzzing socket may get: normal, policy, too big for the socket (past ws_max_size).
 CLEAN_CLOSES = {1000, 1008, 1009}
 
@@ -99,11 +101,23 @@ async def fuzz_one(host: str, messages: list[str | bytes]) -> str | None:
                         said = event.get("message", said)
                         pongs += kind == "pong"
         except ConnectionClosed:
-            if ws.close_code not in CLEAN_CLOSES:
-                return f"closed with {ws.close_code} {ws.close_reason!r} after {said!r}"
-            return None
+            if ws.close_code in CLEAN_CLOSES or (ws.close_code == 1006 and _reset_after_1009(messages)):
+                return None
+            return f"closed with {ws.close_code} {ws.close_reason!r} after {said!r}"
     expected = refusals(messages)
     return None if errors == expected else f"{errors} error messages for {expected} refused messages"
+
+
+def _reset_after_1009(messages: list[str | bytes]) -> bool:
+    """Whether a 1006 (no close frame) is TCP's doing, not the server's.
+
+    A frame past ``ws_max_size`` is answered with a 1009 close and the connection
+    ends; messages the client sent after it are unread there, so the server's kernel
+    resets the connection, and the client's kernel drops the 1009 it had not yet read
+    (seen in CI: ``closed with 1006 '' after ''``; against a bare uvicorn app with the same
+    ``ws_max_size``, a 192 kB frame then 20 small ones closed 57 of 60 sockets with 1006).
+    """
+    return any(len(data) > WS_MAX_SIZE for data in messages)  # the closing ping always follows one
 
 
 def _is_ping(data: str | bytes) -> bool:
