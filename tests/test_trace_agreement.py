@@ -6,6 +6,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from bot.conversation import run_conversation
 from bot.tracing import STAGES, TurnTrace
 from tests.conftest import TURN_EVENTS
@@ -16,22 +18,27 @@ QUESTION = "What is the capital of France?"
 AGREEMENT_MS = 50
 
 
-async def test_trace_agrees_with_the_audio(base_config, models, speaker):
+@pytest.mark.parametrize("preemptive", [False, True], ids=["plain", "preemptive"])
+async def test_trace_agrees_with_the_audio(base_config, models, speaker, preemptive):
+    config = base_config.model_copy(deep=True)
+    config.turns.preemptive = preemptive
+    if preemptive:
+        config.stt.whisper.speculate_after_secs = 0.06  # as README advises with preemption on
     cues = [Cue(audio=speaker(QUESTION), text=QUESTION, at=0.5)]
-    result = await run_conversation(
-        config=base_config, models=models, cues=cues, session_id="agreement"
-    )
+    session_id = f"agreement-{'preemptive' if preemptive else 'plain'}"
+    result = await run_conversation(config=config, models=models, cues=cues, session_id=session_id)
 
     answered = [t for t in result.turns if t.bot_text]
     assert len(answered) == 1, result.summary()
     path = Path(result.trace_path)
-    assert path == Path(base_config.tracing.dir) / "agreement.jsonl"
+    assert path == Path(base_config.tracing.dir) / f"{session_id}.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == len(answered)
 
     for record, turn in zip(records, answered):
         assert set(record) == {f.name for f in fields(TurnTrace)}
         assert set(record["stages"]) == set(STAGES)
+        assert record["preemptive_adopted"] == preemptive, record
         events = TURN_EVENTS
         if record["preemptive_adopted"]:
             # Its generation began on the early transcript while the turn end was being confirmed:
