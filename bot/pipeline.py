@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
@@ -41,6 +40,7 @@ from processors.bot_voice import BotVoice, PlaybackMonitor
 from processors.kokoro_tts import KokoroTTSService
 from processors.preemptive import PreemptiveUserTurnStopStrategy
 from processors.reply_floor import ReplyFloor
+from processors.speech_onset import OnsetSileroVADAnalyzer
 from processors.responder import LlamaCppLLMService
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
 from processors.whisper_stt import WhisperSTTService
@@ -139,7 +139,9 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 
 
-def build_turn_strategies(config: Config, *, bot_voice: BotVoice) -> UserTurnStrategies:
+def build_turn_strategies(
+    config: Config, *, bot_voice: BotVoice, vad: OnsetSileroVADAnalyzer
+) -> UserTurnStrategies:
     """When a user turn starts (and may interrupt the bot) and when it ends."""
     turns = config.turns
     if turns.barge_in == "words":
@@ -153,6 +155,7 @@ def build_turn_strategies(config: Config, *, bot_voice: BotVoice) -> UserTurnStr
                 resume_after_secs=turns.resume_after_secs,
                 max_pause_secs=turns.max_pause_secs,
                 echo_gate=turns.echo_gate,
+                vad=vad,
                 enable_interruptions=turns.interruptions,
             )
         ]
@@ -200,18 +203,19 @@ def build_pipeline(
     context = LLMContext()
     # What the bot says and plays, so its echo in the user's microphone is not a barge-in.
     bot_voice = BotVoice()
+    vad = OnsetSileroVADAnalyzer(
+        params=VADParams(
+            confidence=config.vad.confidence,
+            start_secs=config.vad.start_secs,
+            stop_secs=config.vad.stop_secs,
+            min_volume=config.vad.min_volume,
+        )
+    )
     user, assistant = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(
-            vad_analyzer=SileroVADAnalyzer(
-                params=VADParams(
-                    confidence=config.vad.confidence,
-                    start_secs=config.vad.start_secs,
-                    stop_secs=config.vad.stop_secs,
-                    min_volume=config.vad.min_volume,
-                )
-            ),
-            user_turn_strategies=build_turn_strategies(config, bot_voice=bot_voice),
+            vad_analyzer=vad,
+            user_turn_strategies=build_turn_strategies(config, bot_voice=bot_voice, vad=vad),
             # With barge-in on words a turn with no words never cuts a reply, so there is
             # nothing to recover by asking the LLM to guess (a failed transcription says
             # its own apology, processors/apology.py); on voice alone pipecat's recovery stays.

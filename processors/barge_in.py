@@ -17,7 +17,9 @@ the user for that long feels broken. So playback pauses as soon as the VAD
 hears the user while the bot holds the floor (unless the sound is no louder than
 the bot's own echo), and resumes if the words do not claim the floor: a reply
 about to start waits too, so a user going on after a pause mid-sentence is not
-answered after two words.
+answered after two words. While the bot is only thinking it cannot be drowned
+out nor echoed, so a reply about to start waits from the speech's first frame,
+before the VAD's start delay is over.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
 
@@ -50,6 +53,7 @@ from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
 if TYPE_CHECKING:
     from processors.bot_voice import BotVoice
+    from processors.speech_onset import OnsetSileroVADAnalyzer
 
 BACKCHANNELS = frozenset(
     "mhm mm mmm hmm hm mmhmm mmhm uh huh uhhuh mhmm ok okay yeah yes yep yup right sure alright "
@@ -155,6 +159,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         resume_after_secs: float = 0.5,
         max_pause_secs: float = 2.0,
         echo_gate: float = 0.5,
+        vad: OnsetSileroVADAnalyzer | None = None,
         **kwargs,
     ):
         """Initialize the strategy.
@@ -173,6 +178,8 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             max_pause_secs: Play on after this long paused, whatever happens.
             echo_gate: Speech no louder than this share of the bot's playback may be
                 its echo: it does not pause the bot (0 pauses on any speech).
+            vad: The session's VAD analyzer, read for speech that may be starting:
+                a reply about to start waits from then, not from the start event.
             **kwargs: Passed to ``BaseUserTurnStartStrategy``.
         """
         super().__init__(**kwargs)
@@ -189,7 +196,9 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._resume_after_secs = resume_after_secs
         self._max_pause_secs = max_pause_secs
         self._echo_gate = echo_gate
+        self._vad = vad
         self._paused = False
+        self._held_at_onset = False  # a reply about to start waits: speech may be starting
         self._loud = False  # the speech is louder than the bot's echo could be
         self._echo_level = False  # the speech began over the bot's voice no louder than its echo
         self._mic_peaks: deque[tuple[float, float]] = deque(maxlen=50)
@@ -198,7 +207,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
     async def handle_user_turn_started(self):
         await super().handle_user_turn_started()
         self._in_turn = True
-        self._paused = False  # the interruption that comes with the turn ends the pause
+        self._paused = self._held_at_onset = False  # the interruption that comes with the turn ends the pause
         self._floor.update(UserStartedSpeakingFrame())
 
     async def handle_user_turn_stopped(self):
@@ -211,12 +220,15 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         self._floor.update(frame)
         if isinstance(frame, InputAudioRawFrame):
             self._mic_peaks.append((time.monotonic(), pcm_peak(frame.audio)))
+            await self._hold_at_onset()
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._speech_onset is not None:
             self._last_speech_secs = time.monotonic() - frame.stop_secs - self._speech_onset
             self._speech_onset = None
             await self._resume(after_secs=self._resume_after_secs)
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._speech_onset = time.monotonic() - self._vad_start_secs
+            if self._held_at_onset:
+                self._held_at_onset, self._paused = False, True  # the speech's pause now: the VAD stop ends it
             self._previous_interim = set()
             self._echo_level = False
             if not self._floor.bot_has_it:
@@ -228,6 +240,30 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and not self._in_turn:
             return await self._handle_words(frame)
         return ProcessFrameResult.CONTINUE
+
+    async def _hold_at_onset(self):
+        """Hold a reply about to start from the first frame of speech, and let it go if that was all.
+
+        A reply held for the statement wait (0.8 s after the speech) met a user going on
+        after a 0.6 s pause, whom the VAD reported 0.806 s after the speech: 6 ms of the
+        reply had already left.
+        """
+        if self._vad is None or not (self._pause_playback and self._enable_interruptions):
+            return
+        if self._held_at_onset and self._vad.state == VADState.QUIET:
+            self._held_at_onset = False
+            logger.debug(f"{self}: too short for speech: the reply may start")
+            await self.push_frame(ResumePlaybackFrame(after_secs=0))
+        elif (
+            self._vad.speech_starting
+            and not self._held_at_onset
+            and self._speech_onset is None
+            and self._floor.bot_has_it
+            and not self._floor.bot_speaking
+        ):
+            self._held_at_onset = True
+            logger.debug(f"{self}: speech may be starting: the reply about to start waits")
+            await self.push_frame(PausePlaybackFrame(max_secs=self._max_pause_secs))
 
     async def _maybe_pause(self):
         """Stop talking over the user, or hold a reply about to start, while their words are heard out.

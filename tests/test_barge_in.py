@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from pipecat.audio.vad.vad_analyzer import VADParams, VADState
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -14,6 +15,9 @@ from pipecat.frames.frames import (
 
 from processors.barge_in import BargeInUserTurnStartStrategy, floor_words
 from processors.bot_voice import BotVoice
+from processors.kokoro_tts import trim_leading_silence
+from processors.speech_onset import OnsetSileroVADAnalyzer
+from tests.conftest import silence
 from transports.playback_gate import PausePlaybackFrame, ResumePlaybackFrame
 
 BOT_SAID = "The story of a brave little dragon is actually a classic."
@@ -38,11 +42,11 @@ def test_loud_speech_is_echo_only_when_every_word_is_the_bots():
 class Strategy:
     """A strategy with its turn starts and pushed frames recorded."""
 
-    def __init__(self, *, bot_peak: float = 0.3):
+    def __init__(self, *, bot_peak: float = 0.3, vad: OnsetSileroVADAnalyzer | None = None):
         self.voice = BotVoice()
         self.voice.add_text(BOT_SAID)
         self.voice.add_playback(bot_peak)
-        self.strategy = BargeInUserTurnStartStrategy(bot_voice=self.voice, min_secs=0.0)
+        self.strategy = BargeInUserTurnStartStrategy(bot_voice=self.voice, min_secs=0.0, vad=vad)
         self.started = 0
         self.pushed = []
 
@@ -66,6 +70,72 @@ class Strategy:
             InputAudioRawFrame(audio=samples, sample_rate=16000, num_channels=1),
             VADUserStartedSpeakingFrame(start_secs=0.1),
         )
+
+
+async def hear(s: Strategy, vad: OnsetSileroVADAnalyzer, audio: np.ndarray) -> list[VADState]:
+    """Feed audio as the user aggregator does: the VAD first, its start and stop events, then the frame.
+
+    Returns the VAD's state when each frame was pushed.
+    """
+    state, at_push = VADState.QUIET, []
+    for i in range(0, len(audio), 320):
+        chunk = audio[i : i + 320].tobytes()
+        new = await vad.analyze_audio(chunk)
+        if new == VADState.SPEAKING and state != VADState.SPEAKING and state != VADState.STOPPING:
+            await s.feed(VADUserStartedSpeakingFrame(start_secs=0.2))
+        elif new == VADState.QUIET and state in (VADState.SPEAKING, VADState.STOPPING):
+            await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        state = new
+        pushed = len(s.pushed)
+        await s.feed(InputAudioRawFrame(audio=chunk, sample_rate=16000, num_channels=1))
+        at_push += [state] * (len(s.pushed) - pushed)
+    return at_push
+
+
+def spoken(speaker, text: str, *, secs: float | None = None) -> np.ndarray:
+    """``text`` spoken from its first sound (for ``secs``, or all of it), with room before and after."""
+    words = trim_leading_silence(speaker(text) / 32767, sample_rate=16000)
+    words = words if secs is None else words[: int(secs * 16000)]
+    return np.concatenate([silence(0.3), (words * 32767).astype(np.int16), silence(0.6)])
+
+
+def onset_vad() -> OnsetSileroVADAnalyzer:
+    vad = OnsetSileroVADAnalyzer(params=VADParams(start_secs=0.2))
+    vad.set_sample_rate(16000)
+    return vad
+
+
+async def test_a_reply_about_to_start_waits_from_the_first_frame_of_speech(speaker):
+    """The user goes on after a pause while the bot thinks: the reply waits before the VAD's start event."""
+    vad = onset_vad()
+    s = Strategy(vad=vad)
+    await s.strategy.handle_user_turn_stopped()  # the bot has the floor: it is thinking
+    states = await hear(s, vad, spoken(speaker, "a table for two"))
+    assert isinstance(s.pushed[0], PausePlaybackFrame)
+    assert states == [VADState.STARTING]  # pushed on an audio frame before pipecat reported the speech
+    # The speech's own pause follows, and the VAD's stop ends it: no resume at the onset's end.
+    assert [type(f) for f in s.pushed[1:]] == [PausePlaybackFrame, ResumePlaybackFrame]
+    assert s.pushed[-1].after_secs > 0
+
+
+async def test_a_blip_too_short_to_be_speech_lets_the_reply_go_at_once(speaker):
+    vad = onset_vad()
+    s = Strategy(vad=vad)
+    await s.strategy.handle_user_turn_stopped()
+    # A quarter of a second of "Yes." is heard as speech starting, too short to be speech.
+    states = await hear(s, vad, spoken(speaker, "Yes.", secs=0.25))
+    assert [type(f) for f in s.pushed] == [PausePlaybackFrame, ResumePlaybackFrame]
+    assert s.pushed[1].after_secs == 0 and states == [VADState.STARTING, VADState.QUIET]
+    assert s.started == 0
+
+
+async def test_speech_starting_over_the_bots_voice_waits_for_the_vad_and_the_echo_check(speaker):
+    """Its echo starts the VAD too: over the bot's voice only speech louder than the echo pauses it."""
+    vad = onset_vad()
+    s = Strategy(bot_peak=0.9, vad=vad)
+    await s.feed(BotStartedSpeakingFrame())
+    await hear(s, vad, (spoken(speaker, "a table for two") * 0.2).astype(np.int16))
+    assert s.pushed == []
 
 
 def interim(text: str) -> InterimTranscriptionFrame:
