@@ -40,8 +40,8 @@ from processors.bot_voice import BotVoice, PlaybackMonitor
 from processors.kokoro_tts import KokoroTTSService
 from processors.preemptive import PreemptiveUserTurnStopStrategy
 from processors.reply_floor import ReplyFloor
-from processors.speech_onset import OnsetSileroVADAnalyzer
 from processors.responder import LlamaCppLLMService
+from processors.speech_onset import OnsetSileroVADAnalyzer
 from processors.voxtral_remote_stt import VoxtralRemoteSTTService
 from processors.whisper_stt import WhisperSTTService
 
@@ -139,9 +139,7 @@ def build_responder(config: Config, models: Models) -> FrameProcessor:
     raise ValueError(f"llm.engine {config.llm.engine!r} is not available in this build")
 
 
-def build_turn_strategies(
-    config: Config, *, bot_voice: BotVoice, vad: OnsetSileroVADAnalyzer
-) -> UserTurnStrategies:
+def build_turn_strategies(config: Config, *, bot_voice: BotVoice, vad: OnsetSileroVADAnalyzer) -> UserTurnStrategies:
     """When a user turn starts (and may interrupt the bot) and when it ends."""
     turns = config.turns
     if turns.barge_in == "words":

@@ -75,7 +75,7 @@ class Strategy:
 async def hear(s: Strategy, vad: OnsetSileroVADAnalyzer, audio: np.ndarray) -> list[VADState]:
     """Feed audio as the user aggregator does: the VAD first, its start and stop events, then the frame.
 
-    Returns the VAD's state when each frame was pushed.
+    Returns the VAD's state at each frame the strategy pushed on an audio frame (not on a VAD event).
     """
     state, at_push = VADState.QUIET, []
     for i in range(0, len(audio), 320):
