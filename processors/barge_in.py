@@ -255,7 +255,7 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
             logger.debug(f"{self}: too short for speech: the reply may start")
             await self.push_frame(ResumePlaybackFrame(after_secs=0))
         elif (
-            self._vad.speech_starting
+            self._vad.state == VADState.STARTING
             and not self._held_at_onset
             and self._speech_onset is None
             and self._floor.bot_has_it

@@ -21,11 +21,6 @@ class OnsetSileroVADAnalyzer(SileroVADAnalyzer):
         super().__init__(**kwargs)
         self.state = VADState.QUIET
 
-    @property
-    def speech_starting(self) -> bool:
-        """Speech was heard but has not yet lasted the start delay."""
-        return self.state == VADState.STARTING
-
     async def analyze_audio(self, buffer: bytes) -> VADState:
         self.state = await super().analyze_audio(buffer)
         return self.state

@@ -3,6 +3,7 @@
 import numpy as np
 
 from pipecat.audio.vad.vad_analyzer import VADParams, VADState
+from pipecat.audio.vad.vad_controller import VADController
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -73,22 +74,27 @@ class Strategy:
 
 
 async def hear(s: Strategy, vad: OnsetSileroVADAnalyzer, audio: np.ndarray) -> list[VADState]:
-    """Feed audio as the user aggregator does: the VAD first, its start and stop events, then the frame.
+    """Feed audio as the user aggregator does: pipecat's VAD controller first, its events, then the frame.
 
     Returns the VAD's state at each frame the strategy pushed on an audio frame (not on a VAD event).
     """
-    state, at_push = VADState.QUIET, []
+    controller = VADController(vad)
+
+    @controller.event_handler("on_speech_started")
+    async def started(_):
+        await s.feed(VADUserStartedSpeakingFrame(start_secs=0.2))
+
+    @controller.event_handler("on_speech_stopped")
+    async def stopped(_):
+        await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+
+    at_push = []
     for i in range(0, len(audio), 320):
-        chunk = audio[i : i + 320].tobytes()
-        new = await vad.analyze_audio(chunk)
-        if new == VADState.SPEAKING and state != VADState.SPEAKING and state != VADState.STOPPING:
-            await s.feed(VADUserStartedSpeakingFrame(start_secs=0.2))
-        elif new == VADState.QUIET and state in (VADState.SPEAKING, VADState.STOPPING):
-            await s.feed(VADUserStoppedSpeakingFrame(stop_secs=0.2))
-        state = new
+        frame = InputAudioRawFrame(audio=audio[i : i + 320].tobytes(), sample_rate=16000, num_channels=1)
+        await controller.process_frame(frame)
         pushed = len(s.pushed)
-        await s.feed(InputAudioRawFrame(audio=chunk, sample_rate=16000, num_channels=1))
-        at_push += [state] * (len(s.pushed) - pushed)
+        await s.feed(frame)
+        at_push += [vad.state] * (len(s.pushed) - pushed)
     return at_push
 
 
