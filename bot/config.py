@@ -67,7 +67,7 @@ class TurnsConfig(_Section):
     pause_on_speech: bool = True
     resume_after_secs: float = Field(0.5, ge=0)
     max_pause_secs: float = Field(2.0, gt=0)
-    preemptive: bool = False
+    preemptive: bool = True
     preemptive_max_attempts: int = Field(2, ge=1)
     preemptive_max_speech_secs: float = Field(10.0, gt=0)
 
@@ -79,7 +79,7 @@ class WhisperConfig(_Section):
     cpu_threads: int = Field(2, ge=1)
     no_speech_prob: float = Field(0.6, ge=0, le=1)
     fit_window: bool = True
-    speculate_after_secs: float | None = Field(0.12, gt=0)
+    speculate_after_secs: float | None = Field(0.06, gt=0)
 
 
 class VoxtralConfig(_Section):

@@ -234,9 +234,16 @@ class WhisperSTTService(EagerEndOfTurnSTTServiceMixin, SegmentedSTTService):
             # One pass at a time: a pause between words costs at most one wasted pass.
             self._speculation = self._guess = self.create_task(self._guess_turn(audio))
 
-    async def _guess_turn(self, audio: bytes) -> tuple[str, str | None]:
-        """A speculative pass; while the user stays quiet, its words predict the end of the turn."""
-        text, language = await self._transcribe_pcm(audio, background=True)
+    async def _guess_turn(self, audio: bytes) -> tuple[str, str | None] | None:
+        """A speculative pass; while the user stays quiet, its words predict the end of the turn.
+
+        None when it failed: it was only a guess, and the turn is transcribed again, whole.
+        """
+        try:
+            text, language = await self._transcribe_pcm(audio, background=True)
+        except Exception as e:
+            logger.warning(f"{self}: a speculative transcription failed ({e}); the turn will be transcribed whole")
+            return None
         stands = self._speculation is asyncio.current_task() and self._user_speaking
         # While the bot holds the floor, speech is a barge-in or a backchannel, not a turn to answer early.
         if text and stands and not self._floor.bot_has_it and len(audio) / 2 / self.sample_rate <= self._preemptive_max_secs:
@@ -299,11 +306,9 @@ class WhisperSTTService(EagerEndOfTurnSTTServiceMixin, SegmentedSTTService):
         speculation = self._speculations.popleft() if self._speculations else None
         await self.start_processing_metrics()
         try:
-            if speculation is not None:
-                # The user said nothing after it: the same audio, up to the quiet.
-                text, language = await speculation
-            else:
-                text, language = await self._transcribe_pcm(audio)
+            # The user said nothing after the speculative pass: the same audio, up to the quiet.
+            heard = await speculation if speculation else None
+            text, language = heard or await self._transcribe_pcm(audio)
         except Exception as e:
             logger.exception(f"{self}: transcription failed")
             yield ErrorFrame(error=f"Whisper STT failed: {e}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 
 import numpy as np
+from pipecat.frames.frames import VADUserStoppedSpeakingFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 
 from bot.conversation import run_conversation
@@ -21,13 +23,19 @@ def _normalize(text: str) -> str:
 
 
 class FailsOnce:
-    """A model whose first call of ``method`` raises, as a model that runs out of memory would."""
+    """A model whose first call of ``method`` raises, as a model that runs out of memory would.
 
-    def __init__(self, model, *methods: str):
+    With ``until``, every call raises until it says the fault has been seen (a model that
+    fails a whole turn, its speculative passes too).
+    """
+
+    def __init__(self, model, *methods: str, until: Callable[[], bool] | None = None):
         self._model = model
         self._methods = set(methods)
+        self._until = until
         self._lock = threading.Lock()
-        self.failed = 0
+        self.failed = 0  # calls made
+        self.raised = 0
 
     def __getattr__(self, name: str):
         value = getattr(self._model, name)
@@ -36,7 +44,9 @@ class FailsOnce:
 
         def call(*args, **kwargs):
             with self._lock:
-                fail, self.failed = self.failed == 0, self.failed + 1
+                fail = not self._until() if self._until else self.failed == 0
+                self.failed += 1
+                self.raised += fail
             if fail:
                 raise RuntimeError(f"injected fault in {name}")
             return value(*args, **kwargs)
@@ -54,6 +64,18 @@ class Notices(BaseObserver):
     async def on_push_frame(self, data: FramePushed):
         if isinstance(data.frame, FaultNoticeFrame) and data.first_push:
             self.messages.append(data.frame.message)
+
+
+class SawFrame(BaseObserver):
+    """Whether a frame of a type has been pushed yet."""
+
+    def __init__(self, kind: type):
+        super().__init__()
+        self._kind = kind
+        self.seen = False
+
+    async def on_push_frame(self, data: FramePushed):
+        self.seen = self.seen or isinstance(data.frame, self._kind)
 
 
 async def _two_turns(config, models, speaker, notices: Notices):
@@ -87,11 +109,30 @@ async def test_a_failed_reply_is_an_apology_and_the_next_turn_is_answered(base_c
 
 
 async def test_failed_speech_recognition_is_an_apology_and_the_next_turn_is_heard(base_config, models, speaker):
-    whisper = FailsOnce(models.whisper, "transcribe", "feature_extractor")
     notices = Notices()
+    # A speculative pass that fails is made again on the whole turn: the fault must last the turn.
+    whisper = FailsOnce(models.whisper, "transcribe", "feature_extractor", until=lambda: bool(notices.messages))
     result = await _two_turns(base_config, dataclasses.replace(models, whisper=whisper), speaker, notices)
-    assert whisper.failed >= 2
+    assert whisper.raised >= 1
     _assert_apology_then_answer(result, notices, "speech recognition failed")
+
+
+async def test_a_failed_speculative_pass_costs_the_user_nothing(base_config, models, speaker):
+    """The early passes, made after a short quiet before the VAD stops, fail: the whole turn is transcribed again."""
+    assert base_config.stt.whisper.speculate_after_secs, "the speculative pass is what this fault hits"
+    stopped = SawFrame(VADUserStoppedSpeakingFrame)
+    whisper = FailsOnce(models.whisper, "transcribe", "feature_extractor", until=lambda: stopped.seen)
+    notices = Notices()
+    result = await run_conversation(
+        config=base_config,
+        models=dataclasses.replace(models, whisper=whisper),
+        cues=[Cue(audio=speaker(SECOND), text=SECOND, at=0.5)],
+        observers=[notices, stopped],
+    )
+    [turn] = [t for t in result.turns if t.bot_text]
+    assert whisper.raised >= 1 and not notices.messages, (whisper.raised, notices.messages)
+    assert _normalize(turn.user_text) == _normalize(SECOND), result.summary()
+    assert _normalize(turn.bot_text) != _normalize(APOLOGY), result.summary()
 
 
 async def test_failed_synthesis_is_shown_and_the_next_turn_is_spoken(base_config, models, speaker):

@@ -69,7 +69,6 @@ class PreemptionWatch(BaseObserver):
 def _config(base_config, *, preemptive: bool, vad_stop_secs: float):
     config = base_config.model_copy(deep=True)
     config.turns.preemptive = preemptive
-    config.stt.whisper.speculate_after_secs = 0.06  # as README advises with preemption on
     config.vad.stop_secs = vad_stop_secs
     return config
 

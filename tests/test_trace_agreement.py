@@ -22,8 +22,6 @@ AGREEMENT_MS = 50
 async def test_trace_agrees_with_the_audio(base_config, models, speaker, preemptive):
     config = base_config.model_copy(deep=True)
     config.turns.preemptive = preemptive
-    if preemptive:
-        config.stt.whisper.speculate_after_secs = 0.06  # as README advises with preemption on
     cues = [Cue(audio=speaker(QUESTION), text=QUESTION, at=0.5)]
     session_id = f"agreement-{'preemptive' if preemptive else 'plain'}"
     result = await run_conversation(config=config, models=models, cues=cues, session_id=session_id)
