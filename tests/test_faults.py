@@ -22,19 +22,19 @@ def _normalize(text: str) -> str:
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
-class FailsOnce:
-    """A model whose first call of ``method`` raises, as a model that runs out of memory would.
+class Faulty:
+    """A model whose calls of ``methods`` raise, as a model that runs out of memory would.
 
-    With ``until``, every call raises until it says the fault has been seen (a model that
-    fails a whole turn, its speculative passes too).
+    Only the first call, or with ``until`` every call until it says the fault has been
+    seen (a model that fails a whole turn, its speculative passes too).
     """
 
     def __init__(self, model, *methods: str, until: Callable[[], bool] | None = None):
         self._model = model
         self._methods = set(methods)
-        self._until = until
+        self._until = until or (lambda: self.raised > 0)
         self._lock = threading.Lock()
-        self.failed = 0  # calls made
+        self.calls = 0
         self.raised = 0
 
     def __getattr__(self, name: str):
@@ -44,8 +44,8 @@ class FailsOnce:
 
         def call(*args, **kwargs):
             with self._lock:
-                fail = not self._until() if self._until else self.failed == 0
-                self.failed += 1
+                fail = not self._until()
+                self.calls += 1
                 self.raised += fail
             if fail:
                 raise RuntimeError(f"injected fault in {name}")
@@ -101,17 +101,17 @@ def _assert_apology_then_answer(result, notices: Notices, what: str):
 
 
 async def test_a_failed_reply_is_an_apology_and_the_next_turn_is_answered(base_config, models, speaker):
-    llm = FailsOnce(models.llm, "create_chat_completion")
+    llm = Faulty(models.llm, "create_chat_completion")
     notices = Notices()
     result = await _two_turns(base_config, dataclasses.replace(models, llm=llm), speaker, notices)
-    assert llm.failed >= 2
+    assert llm.calls >= 2
     _assert_apology_then_answer(result, notices, "the reply failed")
 
 
 async def test_failed_speech_recognition_is_an_apology_and_the_next_turn_is_heard(base_config, models, speaker):
     notices = Notices()
     # A speculative pass that fails is made again on the whole turn: the fault must last the turn.
-    whisper = FailsOnce(models.whisper, "transcribe", "feature_extractor", until=lambda: bool(notices.messages))
+    whisper = Faulty(models.whisper, "transcribe", "feature_extractor", until=lambda: bool(notices.messages))
     result = await _two_turns(base_config, dataclasses.replace(models, whisper=whisper), speaker, notices)
     assert whisper.raised >= 1
     _assert_apology_then_answer(result, notices, "speech recognition failed")
@@ -121,7 +121,7 @@ async def test_a_failed_speculative_pass_costs_the_user_nothing(base_config, mod
     """The early passes, made after a short quiet before the VAD stops, fail: the whole turn is transcribed again."""
     assert base_config.stt.whisper.speculate_after_secs, "the speculative pass is what this fault hits"
     stopped = SawFrame(VADUserStoppedSpeakingFrame)
-    whisper = FailsOnce(models.whisper, "transcribe", "feature_extractor", until=lambda: stopped.seen)
+    whisper = Faulty(models.whisper, "transcribe", "feature_extractor", until=lambda: stopped.seen)
     notices = Notices()
     result = await run_conversation(
         config=base_config,
@@ -136,7 +136,7 @@ async def test_a_failed_speculative_pass_costs_the_user_nothing(base_config, mod
 
 
 async def test_failed_synthesis_is_shown_and_the_next_turn_is_spoken(base_config, models, speaker):
-    stream = FailsOnce(models.kokoro_stream, "decode")
+    stream = Faulty(models.kokoro_stream, "decode")
     notices = Notices()
     cues = [
         Cue(audio=speaker(FIRST), text=FIRST, at=0.5),
@@ -146,7 +146,7 @@ async def test_failed_synthesis_is_shown_and_the_next_turn_is_spoken(base_config
     result = await run_conversation(
         config=base_config, models=dataclasses.replace(models, kokoro_stream=stream), cues=cues, observers=[notices]
     )
-    assert stream.failed >= 2
+    assert stream.calls >= 2
     assert len(notices.messages) == 1 and "could not be spoken" in notices.messages[0], notices.messages
     last = result.turns[-1]
     assert _normalize(last.user_text) == _normalize(SECOND), result.summary()
@@ -158,7 +158,7 @@ async def test_the_page_is_told_and_hears_the_apology(base_config, models, speak
     from tests.conftest import RATE
     from tests.test_server import session
 
-    llm = FailsOnce(models.llm, "create_chat_completion")
+    llm = Faulty(models.llm, "create_chat_completion")
     audio = np.concatenate([silence(0.3, sample_rate=RATE), speaker(SECOND, sample_rate=RATE), silence(1.5, sample_rate=RATE)])
     with serve(base_config, models=dataclasses.replace(models, llm=llm)) as host:
         async with session(host) as client:
